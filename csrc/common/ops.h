@@ -1,0 +1,63 @@
+// Parameter structs and entry points shared by the CPU (csrc/cpu) and CUDA (csrc/cuda) kernels.
+// Kernels never see torch objects: raw pointers, sizes and a dtype. bindings.cpp validates and
+// fills these structs; it is the only place that branches on the device.
+#pragma once
+#include <cstdint>
+
+namespace eac {
+
+enum class DType : int { F32 = 0, F64 = 1 };
+
+constexpr int kMaxLinearLayers = 9;  // up to 8 hidden layers + the linear output layer
+
+// An ensemble of N MLPs that all read the same batch x.
+// widths[0] = d_in, widths[1..L] = hidden widths, widths[L+1] = d_out; n_linear = L + 1.
+// w[l]: [N, widths[l+1], widths[l]] (torch.nn.Linear layout per student), b[l]: [N, widths[l+1]].
+struct MlpParams {
+  int n_students = 0;
+  int64_t batch = 0;
+  int n_linear = 0;
+  int widths[kMaxLinearLayers + 1] = {};
+  int activation = 0;
+  DType dtype = DType::F32;
+  const void* w[kMaxLinearLayers] = {};
+  const void* b[kMaxLinearLayers] = {};
+  const void* x = nullptr;  // [B, d_in]
+  const void* y = nullptr;  // [B, d_out] (mse_grad only)
+  void* out = nullptr;      // [N, B, d_out] (forward only)
+  void* loss = nullptr;     // [N] (mse_grad only)
+  void* gw[kMaxLinearLayers] = {};  // like w (mse_grad only)
+  void* gb[kMaxLinearLayers] = {};  // like b (mse_grad only)
+};
+
+void mlp_forward_cpu(const MlpParams& p);
+void mlp_mse_grad_cpu(const MlpParams& p);
+
+// Adam (torch.optim.Adam's formula) on a list of tensors, each [N, numel_per_student[k]].
+// lr: [N] (dtype of the parameters), step: [N] int64, the step number after this update (>= 1).
+struct AdamParams {
+  int n_students = 0;
+  int n_tensors = 0;
+  DType dtype = DType::F32;
+  const int64_t* numel_per_student = nullptr;  // [n_tensors]
+  void* const* params = nullptr;
+  const void* const* grads = nullptr;
+  void* const* exp_avg = nullptr;
+  void* const* exp_avg_sq = nullptr;
+  const void* lr = nullptr;
+  const int64_t* step = nullptr;
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
+};
+void adam_step_cpu(const AdamParams& p);
+
+// Cosine distances between the rows of v [M, D] (float32 or float64), written as float64 [M, M]:
+// 1 - cos, or 1 - |cos| when absolute. A zero row has distance 1 to everything (0 to itself).
+void cosine_distances_cpu(const void* v, int64_t m, int64_t d, DType dtype, bool absolute,
+                          double* out);
+
+// UPGMA (average linkage) on a symmetric float64 distance matrix [M, M], destroyed in the process.
+// Writes the linkage matrix z [M - 1, 4] in scipy.cluster.hierarchy's format (merged ids, height,
+// size; rows sorted by height, new cluster of row i has id M + i).
+void average_linkage_cpu(double* dist, int64_t m, double* z);
+
+}  // namespace eac

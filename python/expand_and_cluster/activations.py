@@ -1,0 +1,119 @@
+"""Activation registry: one record per activation (name, torch function, C++ code, symmetry class).
+
+The symmetry classes follow Martinelli et al., ICML 2024, Sec. 3 ("symmetries of the activation"),
+as tabulated in docs/method.md:
+
+========================  ==============================  ====================================
+symmetry class            identity                        effect of flipping v -> -v
+========================  ==============================  ====================================
+none                      --                              not allowed
+odd                       s(-z) = -s(z)                   outgoing a -> -a
+odd_constant              s(-z) = 1 - s(z)                a -> -a, next layer's bias += a
+even_linear               s(z) - s(-z) = z                a unchanged, leaves a linear term a z
+even_linear_positive_     relu(cz) = c relu(z), c > 0,    as even_linear (the linear term is
+scaling                   and s(z) - s(-z) = (1+alpha) z  (1 + alpha) a z for leaky_relu)
+========================  ==============================  ====================================
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+class SymmetryClass(str, enum.Enum):
+    """Symmetry class of an activation (see the module docstring)."""
+
+    NONE = "none"
+    ODD = "odd"
+    ODD_CONSTANT = "odd_constant"
+    EVEN_LINEAR = "even_linear"
+    EVEN_LINEAR_POSITIVE_SCALING = "even_linear_positive_scaling"
+
+    @property
+    def sign_symmetric(self) -> bool:
+        """True when v and -v describe the same neuron (up to outgoing-weight changes)."""
+        return self is not SymmetryClass.NONE
+
+    @property
+    def scale_symmetric(self) -> bool:
+        """True when only the direction of v is identifiable (positive scaling moves to a)."""
+        return self is SymmetryClass.EVEN_LINEAR_POSITIVE_SCALING
+
+    @property
+    def has_linear_term(self) -> bool:
+        """True when flipped neurons leave a linear map that a skip term must absorb."""
+        return self in (SymmetryClass.EVEN_LINEAR, SymmetryClass.EVEN_LINEAR_POSITIVE_SCALING)
+
+
+def _softplus(z: torch.Tensor) -> torch.Tensor:
+    # log(1 + e^z) without torch's threshold at 20, so it matches the C++ kernel to the last digit.
+    return torch.logaddexp(z, torch.zeros((), dtype=z.dtype, device=z.device))
+
+
+def _g(z: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(4.0 * z) + _softplus(z)
+
+
+LEAKY_RELU_SLOPE = 0.01
+
+
+@dataclass(frozen=True)
+class Activation:
+    """One activation: ``name``, ``fn`` (torch, differentiable), ``code`` (the C++ ``eac::Act``
+    value) and ``symmetry`` (its :class:`SymmetryClass`)."""
+
+    name: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    code: int
+    symmetry: SymmetryClass
+    #: s(z) - s(-z) = linear_coefficient * z for the even_linear classes, else 0.
+    linear_coefficient: float = 0.0
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fn(z)
+
+
+_S = SymmetryClass
+ACTIVATIONS: dict[str, Activation] = {
+    a.name: a
+    for a in (
+        Activation("identity", lambda z: z, 0, _S.ODD),
+        Activation("relu", F.relu, 1, _S.EVEN_LINEAR_POSITIVE_SCALING, 1.0),
+        Activation(
+            "leaky_relu",
+            lambda z: F.leaky_relu(z, LEAKY_RELU_SLOPE),
+            2,
+            _S.EVEN_LINEAR_POSITIVE_SCALING,
+            1.0 + LEAKY_RELU_SLOPE,
+        ),
+        Activation("tanh", torch.tanh, 3, _S.ODD),
+        Activation("sigmoid", torch.sigmoid, 4, _S.ODD_CONSTANT),
+        Activation("softplus", _softplus, 5, _S.EVEN_LINEAR, 1.0),
+        Activation("gelu", F.gelu, 6, _S.EVEN_LINEAR, 1.0),
+        Activation("silu", F.silu, 7, _S.EVEN_LINEAR, 1.0),
+        Activation("g", _g, 8, _S.NONE),
+    )
+}
+
+
+def get_activation(activation: str | Activation) -> Activation:
+    """Look up an activation by name.
+
+    Raises
+    ------
+    ValueError
+        If the name is unknown; the message lists the known names.
+    """
+    if isinstance(activation, Activation):
+        return activation
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(
+            f"activation: unknown activation {activation!r}; expected one of "
+            f"{', '.join(sorted(ACTIVATIONS))}"
+        )
+    return ACTIVATIONS[activation]

@@ -1,0 +1,526 @@
+"""Public kernel API on torch tensors, and a pure-torch reference for each op.
+
+An *ensemble* is N independent MLPs ("students", Martinelli et al. 2024, Sec. 3, step "Expand")
+with L hidden layers that all read the same input batch:
+
+- ``weights``: list of L + 1 tensors, layer l of shape ``[N, out_l, in_l]`` (torch.nn.Linear layout
+  per student), ``biases``: list of L + 1 tensors ``[N, out_l]``;
+- ``x``: ``[B, d_in]``, ``y``: ``[B, d_out]``;
+- hidden layers apply the activation, the output layer is linear.
+
+Every op validates its arguments first (TypeError for a wrong dtype or type, ValueError for shapes,
+devices, non-contiguous tensors and NaN/Inf inputs, each message naming the argument and what was
+expected), then calls the compiled kernel in :mod:`expand_and_cluster._C`. ``<op>_reference`` is a
+pure-torch twin used by the tests and as a readable specification.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .activations import Activation, get_activation
+
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
+
+__all__ = [
+    "adam_step",
+    "adam_step_reference",
+    "average_linkage",
+    "average_linkage_reference",
+    "cosine_distances",
+    "cosine_distances_reference",
+    "mlp_forward",
+    "mlp_forward_reference",
+    "mlp_mse_grad",
+    "mlp_mse_grad_reference",
+    "num_threads",
+    "set_num_threads",
+]
+
+
+def _lib():
+    from . import _C
+
+    return _C
+
+
+def num_threads() -> int:
+    """Number of OpenMP threads the CPU kernels use."""
+    return int(_lib().num_threads())
+
+
+def set_num_threads(n: int) -> None:
+    """Set the number of OpenMP threads of the CPU kernels (ValueError if ``n < 1``)."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected an integer >= 1, got {n!r}")
+    _lib().set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _device_code(t: torch.Tensor) -> int:
+    return -1 if t.device.type == "cpu" else int(t.device.index or 0)
+
+
+def _check_tensor(t, name: str, ndim: int, dtype=None, device=None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _DTYPE_CODES:
+        raise TypeError(f"{name}: expected dtype float32 or float64, got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype} (as the other arguments), got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected device {device} (as the other arguments), got {t.device}")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: expected a cpu or cuda tensor, got device {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor (call .contiguous())")
+    return t
+
+
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: contains NaN or Inf")
+
+
+def _check_ensemble(weights, biases):
+    """Validate an ensemble; return (N, widths, dtype, device)."""
+    if not isinstance(weights, (list, tuple)) or not isinstance(biases, (list, tuple)):
+        raise TypeError("weights, biases: expected lists of tensors")
+    if len(weights) < 1:
+        raise ValueError("weights: expected at least one layer")
+    if len(weights) > 9:
+        raise ValueError(f"weights: at most 8 hidden layers (9 tensors) supported, got {len(weights)}")
+    if len(biases) != len(weights):
+        raise ValueError(
+            f"biases: expected {len(weights)} tensors (one per weight), got {len(biases)}"
+        )
+    w0 = _check_tensor(weights[0], "weights[0]", 3)
+    dtype, device = w0.dtype, w0.device
+    n = w0.shape[0]
+    if n < 1:
+        raise ValueError("weights[0]: expected N >= 1 students, got shape " f"{tuple(w0.shape)}")
+    widths = [int(w0.shape[2])]
+    for l, (w, b) in enumerate(zip(weights, biases)):
+        _check_tensor(w, f"weights[{l}]", 3, dtype, device)
+        _check_tensor(b, f"biases[{l}]", 2, dtype, device)
+        if w.shape[0] != n or w.shape[2] != widths[-1]:
+            raise ValueError(
+                f"weights[{l}]: expected shape [{n}, out, {widths[-1]}], got {tuple(w.shape)}"
+            )
+        if w.shape[1] < 1:
+            raise ValueError(f"weights[{l}]: expected at least one output unit")
+        if tuple(b.shape) != (n, w.shape[1]):
+            raise ValueError(
+                f"biases[{l}]: expected shape [{n}, {w.shape[1]}], got {tuple(b.shape)}"
+            )
+        widths.append(int(w.shape[1]))
+    return n, widths, dtype, device
+
+
+def _check_inputs(x, y, widths, dtype, device, check_finite: bool):
+    _check_tensor(x, "x", 2, dtype, device)
+    if x.shape[1] != widths[0]:
+        raise ValueError(f"x: expected shape [B, {widths[0]}] (d_in of weights[0]), got {tuple(x.shape)}")
+    if check_finite:
+        _check_finite(x, "x")
+    if y is not None:
+        _check_tensor(y, "y", 2, dtype, device)
+        if tuple(y.shape) != (x.shape[0], widths[-1]):
+            raise ValueError(
+                f"y: expected shape [{x.shape[0]}, {widths[-1]}] (B of x, d_out of the last "
+                f"weight), got {tuple(y.shape)}"
+            )
+        if check_finite:
+            _check_finite(y, "y")
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+
+
+def mlp_forward(
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    activation: str | Activation,
+    *,
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """Outputs of every student of the ensemble on one batch (fused C++ kernel).
+
+    Parameters
+    ----------
+    weights, biases : lists of L + 1 tensors, ``[N, out_l, in_l]`` and ``[N, out_l]``, float32 or
+        float64, contiguous, on one device.
+    x : ``[B, d_in]``, same dtype and device.
+    activation : name or :class:`~expand_and_cluster.activations.Activation` of the hidden layers.
+    check_finite : reject NaN/Inf in ``x`` (one extra pass; training loops validate once).
+
+    Returns
+    -------
+    torch.Tensor
+        ``[N, B, d_out]``, the dtype of the inputs.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On a wrong dtype, shape, device, layout, or a non-finite ``x``.
+    """
+    act = get_activation(activation)
+    n, widths, dtype, device = _check_ensemble(weights, biases)
+    _check_inputs(x, None, widths, dtype, device, check_finite)
+    out = torch.empty((n, x.shape[0], widths[-1]), dtype=dtype, device=device)
+    _lib().mlp_forward(
+        [w.data_ptr() for w in weights],
+        [b.data_ptr() for b in biases],
+        widths,
+        n,
+        int(x.shape[0]),
+        x.data_ptr(),
+        out.data_ptr(),
+        act.code,
+        _DTYPE_CODES[dtype],
+        _device_code(x),
+    )
+    return out
+
+
+def mlp_forward_reference(weights, biases, x, activation) -> torch.Tensor:
+    """Pure-torch twin of :func:`mlp_forward` (one batched matmul per layer)."""
+    act = get_activation(activation)
+    h = x.unsqueeze(0).expand(weights[0].shape[0], *x.shape)
+    for l, (w, b) in enumerate(zip(weights, biases)):
+        h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+        if l < len(weights) - 1:
+            h = act.fn(h)
+    return h
+
+
+# ----------------------------------------------------------------------------------------------
+# fused forward + MSE + backward
+
+
+def mlp_mse_grad(
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    activation: str | Activation,
+    *,
+    out_grad_weights: Sequence[torch.Tensor] | None = None,
+    out_grad_biases: Sequence[torch.Tensor] | None = None,
+    out_loss: torch.Tensor | None = None,
+    check_finite: bool = True,
+):
+    """Loss and gradients of every student in one fused forward + MSE + backward pass.
+
+    ``loss_n = mean over B and d_out of (f_n(x) - y)^2`` (Martinelli et al. 2024, Eq. 1, per
+    student; students never mix). Gradients are exact (no sampling), accumulated in the dtype of the
+    inputs, in a fixed order (the result does not depend on the number of threads' scheduling).
+
+    Parameters
+    ----------
+    weights, biases, x, activation : as :func:`mlp_forward`.
+    y : ``[B, d_out]`` targets (teacher outputs), same dtype and device; B >= 1.
+    out_grad_weights, out_grad_biases, out_loss : optional preallocated outputs (shapes as the
+        returned ones) so training loops allocate nothing per step.
+    check_finite : reject NaN/Inf in ``x`` and ``y``.
+
+    Returns
+    -------
+    loss : ``[N]``
+    grad_weights : list of ``[N, out_l, in_l]``
+    grad_biases : list of ``[N, out_l]``
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`mlp_forward`, and for ``y`` of the wrong shape or an empty batch.
+    """
+    act = get_activation(activation)
+    n, widths, dtype, device = _check_ensemble(weights, biases)
+    _check_inputs(x, y, widths, dtype, device, check_finite)
+    if x.shape[0] < 1:
+        raise ValueError("x: the batch must hold at least one query (B >= 1)")
+    gw = _out_like(out_grad_weights, weights, "out_grad_weights")
+    gb = _out_like(out_grad_biases, biases, "out_grad_biases")
+    if out_loss is None:
+        loss = torch.empty(n, dtype=dtype, device=device)
+    else:
+        loss = _check_tensor(out_loss, "out_loss", 1, dtype, device)
+        if loss.shape[0] != n:
+            raise ValueError(f"out_loss: expected shape [{n}], got {tuple(loss.shape)}")
+    _lib().mlp_mse_grad(
+        [w.data_ptr() for w in weights],
+        [b.data_ptr() for b in biases],
+        widths,
+        n,
+        int(x.shape[0]),
+        x.data_ptr(),
+        y.data_ptr(),
+        loss.data_ptr(),
+        [g.data_ptr() for g in gw],
+        [g.data_ptr() for g in gb],
+        act.code,
+        _DTYPE_CODES[dtype],
+        _device_code(x),
+    )
+    return loss, gw, gb
+
+
+def _out_like(out, like, name):
+    if out is None:
+        return [torch.empty_like(t) for t in like]
+    if len(out) != len(like):
+        raise ValueError(f"{name}: expected {len(like)} tensors, got {len(out)}")
+    for i, (o, t) in enumerate(zip(out, like)):
+        _check_tensor(o, f"{name}[{i}]", t.dim(), t.dtype, t.device)
+        if o.shape != t.shape:
+            raise ValueError(f"{name}[{i}]: expected shape {tuple(t.shape)}, got {tuple(o.shape)}")
+    return list(out)
+
+
+def mlp_mse_grad_reference(weights, biases, x, y, activation):
+    """Pure-torch twin of :func:`mlp_mse_grad` through torch.autograd."""
+    ws = [w.detach().clone().requires_grad_(True) for w in weights]
+    bs = [b.detach().clone().requires_grad_(True) for b in biases]
+    out = mlp_forward_reference(ws, bs, x, activation)
+    loss = ((out - y.unsqueeze(0)) ** 2).mean(dim=(1, 2))
+    grads = torch.autograd.grad(loss.sum(), ws + bs)
+    return loss.detach(), list(grads[: len(ws)]), list(grads[len(ws) :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Adam with a learning rate per student
+
+
+def adam_step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avg: Sequence[torch.Tensor],
+    exp_avg_sq: Sequence[torch.Tensor],
+    step: int | torch.Tensor,
+    lr: torch.Tensor,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+) -> None:
+    """One Adam update, in place, with a learning rate (and step count) per student.
+
+    Same arithmetic as ``torch.optim.Adam`` (Kingma & Ba 2015, Alg. 1, with torch's placement of
+    eps): ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``,
+    ``p -= lr_n / (1 - b1^t_n) * m / (sqrt(v) / sqrt(1 - b2^t_n) + eps)``.
+    A student with ``lr_n = 0`` keeps its parameters (its moments still move).
+
+    Parameters
+    ----------
+    params, grads, exp_avg, exp_avg_sq : lists of tensors of matching shapes ``[N, ...]``, one
+        dtype (float32 or float64), contiguous, on one device. ``params``, ``exp_avg`` and
+        ``exp_avg_sq`` are updated in place.
+    step : the step number t of this update (>= 1), an int or an int64 tensor ``[N]``.
+    lr : ``[N]`` learning rates, the dtype of ``params`` (>= 0).
+    beta1, beta2 : in [0, 1). eps : > 0.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On mismatched lists, shapes, dtypes or devices, step < 1, negative or NaN lr, or betas
+        outside [0, 1).
+    """
+    if not all(isinstance(s, (list, tuple)) for s in (params, grads, exp_avg, exp_avg_sq)):
+        raise TypeError("params, grads, exp_avg, exp_avg_sq: expected lists of tensors")
+    k = len(params)
+    if not (len(grads) == len(exp_avg) == len(exp_avg_sq) == k):
+        raise ValueError(
+            "params, grads, exp_avg, exp_avg_sq: expected lists of the same length, got "
+            f"{k}, {len(grads)}, {len(exp_avg)}, {len(exp_avg_sq)}"
+        )
+    if not (0.0 <= beta1 < 1.0) or not (0.0 <= beta2 < 1.0):
+        raise ValueError(f"beta1, beta2: expected values in [0, 1), got {beta1}, {beta2}")
+    if not eps > 0.0:
+        raise ValueError(f"eps: expected > 0, got {eps}")
+    lr = _check_tensor(lr, "lr", 1)
+    dtype, device, n = lr.dtype, lr.device, lr.shape[0]
+    if n < 1:
+        raise ValueError("lr: expected shape [N] with N >= 1")
+    if bool(torch.isnan(lr).any()) or bool((lr < 0).any()):
+        raise ValueError("lr: expected finite learning rates >= 0")
+    if isinstance(step, torch.Tensor):
+        if step.dtype != torch.int64 or step.dim() != 1 or step.shape[0] != n:
+            raise TypeError(f"step: expected an int or an int64 tensor of shape [{n}]")
+        if step.device != device or not step.is_contiguous():
+            raise ValueError(f"step: expected a contiguous tensor on {device}")
+        step_t = step
+    else:
+        step_t = torch.full((n,), int(step), dtype=torch.int64, device=device)
+    if bool((step_t < 1).any()):
+        raise ValueError("step: expected step numbers >= 1")
+    numels = []
+    for i in range(k):
+        p = params[i]
+        if not isinstance(p, torch.Tensor) or p.dim() < 1:
+            raise TypeError(f"params[{i}]: expected a tensor of shape [N, ...]")
+        for name, t in (("params", p), ("grads", grads[i]), ("exp_avg", exp_avg[i]),
+                        ("exp_avg_sq", exp_avg_sq[i])):
+            _check_tensor(t, f"{name}[{i}]", p.dim(), dtype, device)
+            if t.shape != p.shape:
+                raise ValueError(
+                    f"{name}[{i}]: expected shape {tuple(p.shape)} (as params[{i}]), got "
+                    f"{tuple(t.shape)}"
+                )
+        if p.shape[0] != n:
+            raise ValueError(f"params[{i}]: expected {n} students (lr has {n}), got {p.shape[0]}")
+        numels.append(p[0].numel() if n else 0)
+    if k == 0:
+        return
+    _lib().adam_step(
+        [p.data_ptr() for p in params],
+        [g.data_ptr() for g in grads],
+        [m.data_ptr() for m in exp_avg],
+        [v.data_ptr() for v in exp_avg_sq],
+        numels,
+        n,
+        lr.data_ptr(),
+        step_t.data_ptr(),
+        float(beta1),
+        float(beta2),
+        float(eps),
+        0.0,
+        _DTYPE_CODES[dtype],
+        _device_code(lr),
+    )
+
+
+def adam_step_reference(params, grads, exp_avg, exp_avg_sq, step, lr, beta1=0.9, beta2=0.999,
+                        eps=1e-8) -> None:
+    """Pure-torch twin of :func:`adam_step` (in place)."""
+    n = lr.shape[0]
+    if not isinstance(step, torch.Tensor):
+        step = torch.full((n,), int(step), dtype=torch.int64)
+    t = step.to(lr.dtype)
+    bc1 = 1 - beta1**t
+    bc2 = 1 - beta2**t
+    for p, g, m, v in zip(params, grads, exp_avg, exp_avg_sq):
+        shape = (n,) + (1,) * (p.dim() - 1)
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = v.sqrt() / bc2.sqrt().view(shape) + eps
+        p.sub_((lr / bc1).view(shape) * m / denom)
+
+
+# ----------------------------------------------------------------------------------------------
+# distances and linkage (clustering, Sec. 3 step "Cluster")
+
+
+def cosine_distances(v: torch.Tensor, absolute: bool = False) -> torch.Tensor:
+    """Pairwise cosine distances between the rows of ``v``.
+
+    ``d(i, j) = 1 - cos(v_i, v_j)``, or ``1 - |cos(v_i, v_j)|`` when ``absolute`` (for symmetry
+    classes where v and -v are the same neuron). Computed in float64 whatever the input dtype.
+    A zero row has distance 1 to every other row. Units: dimensionless, in [0, 2] ([0, 1] when
+    absolute).
+
+    Parameters
+    ----------
+    v : ``[M, D]`` float32 or float64, finite, contiguous.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[M, M]`` float64, symmetric, zero diagonal.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On a wrong dtype, shape, layout or non-finite values.
+    """
+    _check_tensor(v, "v", 2)
+    if v.shape[1] < 1:
+        raise ValueError(f"v: expected shape [M, D] with D >= 1, got {tuple(v.shape)}")
+    _check_finite(v, "v")
+    m = int(v.shape[0])
+    out = torch.empty((m, m), dtype=torch.float64, device=v.device)
+    _lib().cosine_distances(
+        v.data_ptr(), m, int(v.shape[1]), _DTYPE_CODES[v.dtype], bool(absolute), out.data_ptr(),
+        _device_code(v)
+    )
+    return out
+
+
+def cosine_distances_reference(v: torch.Tensor, absolute: bool = False) -> torch.Tensor:
+    """Pure-torch twin of :func:`cosine_distances`."""
+    u = v.to(torch.float64)
+    norms = u.norm(dim=1, keepdim=True)
+    u = torch.where(norms > 0, u / norms.clamp_min(1e-300), torch.zeros_like(u))
+    c = u @ u.T
+    d = 1.0 - (c.abs() if absolute else c)
+    d.fill_diagonal_(0.0)
+    return d.clamp_min_(0.0)
+
+
+def average_linkage(dist, overwrite: bool = False) -> np.ndarray:
+    """Average-linkage (UPGMA) hierarchical clustering of a square distance matrix (C++ kernel).
+
+    Same result as ``scipy.cluster.hierarchy.linkage(squareform(dist), method="average")`` (up to
+    the order of merges at exactly equal heights), with the nearest-neighbour-chain algorithm
+    (Muellner 2011, arXiv:1109.2378) on a square matrix so every row scan is contiguous.
+
+    Parameters
+    ----------
+    dist : ``[M, M]`` float64 numpy array or torch tensor (CPU), symmetric, finite, >= 0, M >= 2.
+    overwrite : let the kernel use ``dist`` as its workspace (saves a copy of M^2 doubles).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``[M - 1, 4]`` float64 linkage matrix in scipy's format.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On a wrong type or dtype, a non-square or too-small matrix, NaN, or negative entries.
+
+    Notes
+    -----
+    O(M^2) time and memory (8 M^2 bytes for the matrix).
+    """
+    if isinstance(dist, torch.Tensor):
+        if dist.device.type != "cpu":
+            raise ValueError("dist: expected a CPU tensor")
+        dist = dist.numpy()
+    if not isinstance(dist, np.ndarray):
+        raise TypeError(f"dist: expected a numpy array or torch tensor, got {type(dist).__name__}")
+    if dist.dtype != np.float64:
+        raise TypeError(f"dist: expected dtype float64, got {dist.dtype}")
+    if dist.ndim != 2 or dist.shape[0] != dist.shape[1]:
+        raise ValueError(f"dist: expected a square [M, M] matrix, got shape {dist.shape}")
+    m = dist.shape[0]
+    if m < 2:
+        raise ValueError(f"dist: expected at least 2 observations, got {m}")
+    if not np.isfinite(dist).all():
+        raise ValueError("dist: contains NaN or Inf")
+    if (dist < 0).any():
+        raise ValueError("dist: expected distances >= 0")
+    work = dist if (overwrite and dist.flags.c_contiguous and dist.flags.writeable) else (
+        np.array(dist, dtype=np.float64, order="C", copy=True)
+    )
+    z = np.empty((m - 1, 4), dtype=np.float64)
+    _lib().average_linkage(work.ctypes.data, m, z.ctypes.data)
+    return z
+
+
+def average_linkage_reference(dist) -> np.ndarray:
+    """SciPy twin of :func:`average_linkage`."""
+    from scipy.cluster.hierarchy import linkage
+    from scipy.spatial.distance import squareform
+
+    d = np.asarray(dist, dtype=np.float64)
+    return linkage(squareform(d, checks=False), method="average")

@@ -1,0 +1,216 @@
+"""Kernels against their pure-torch references and torch.autograd (DESIGN.md, Tests)."""
+
+
+import pytest
+import torch
+
+from expand_and_cluster import ops
+from expand_and_cluster.activations import ACTIVATIONS
+from tests.conftest import RTOL
+
+
+def ensemble(n, widths, dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ws = [
+        (torch.randn(n, widths[l + 1], widths[l], generator=g, dtype=torch.float64)
+         / widths[l] ** 0.5).to(dtype=dtype, device=device)
+        for l in range(len(widths) - 1)
+    ]
+    bs = [
+        (0.3 * torch.randn(n, widths[l + 1], generator=g, dtype=torch.float64)).to(dtype=dtype,
+                                                                                    device=device)
+        for l in range(len(widths) - 1)
+    ]
+    return ws, bs
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+# depth 1-3, N = 1, B = 1, widths that are not multiples of any tile (4 rows, 64-row tiles)
+SHAPES = [
+    ([3, 7, 2], 1, 1),
+    ([5, 13, 11, 3], 4, 300),
+    ([2, 65, 1], 3, 129),
+    ([4, 6, 9, 5, 2], 2, 70),
+    ([1, 1, 1], 1, 2),
+    ([7, 33, 4], 5, 1025),
+]
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("widths,n,b", SHAPES)
+def test_mse_grad_matches_autograd(activation, widths, n, b, dtype, device):
+    ws, bs = ensemble(n, widths, dtype, device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(b, widths[0], generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+    y = torch.randn(b, widths[-1], generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+    loss, gw, gb = ops.mlp_mse_grad(ws, bs, x, y, activation)
+    # reference in float64 so the float32 comparison measures the kernel's own rounding
+    w64 = [w.double() for w in ws]
+    b64 = [v.double() for v in bs]
+    rloss, rgw, rgb = ops.mlp_mse_grad_reference(w64, b64, x.double(), y.double(), activation)
+    tol = RTOL[dtype]
+    assert rel(loss.double(), rloss) < tol
+    for a, r in zip(gw + gb, rgw + rgb):
+        assert rel(a.double(), r) < tol
+    out = ops.mlp_forward(ws, bs, x, activation)
+    assert out.shape == (n, b, widths[-1])
+    assert rel(out.double(), ops.mlp_forward_reference(w64, b64, x.double(), activation)) < tol
+
+
+def test_ensemble_equals_single_student_calls(dtype):
+    widths, n, b = [6, 19, 3], 5, 700
+    ws, bs = ensemble(n, widths, dtype)
+    x = torch.randn(b, 6, dtype=dtype)
+    y = torch.randn(b, 3, dtype=dtype)
+    loss, gw, gb = ops.mlp_mse_grad(ws, bs, x, y, "tanh")
+    for i in range(n):
+        l1, g1, h1 = ops.mlp_mse_grad([w[i : i + 1].contiguous() for w in ws],
+                                      [v[i : i + 1].contiguous() for v in bs], x, y, "tanh")
+        # same chunking, same summation order: bitwise equal
+        assert torch.equal(l1[0], loss[i])
+        for a, c in zip(g1 + h1, gw + gb):
+            assert torch.equal(a[0], c[i])
+
+
+def test_results_do_not_depend_on_thread_count():
+    ws, bs = ensemble(3, [5, 40, 2], torch.float64)
+    x = torch.randn(3000, 5, dtype=torch.float64)
+    y = torch.randn(3000, 2, dtype=torch.float64)
+    n0 = ops.num_threads()
+    try:
+        ops.set_num_threads(1)
+        a = ops.mlp_mse_grad(ws, bs, x, y, "g")
+        ops.set_num_threads(max(2, n0))
+        b = ops.mlp_mse_grad(ws, bs, x, y, "g")
+    finally:
+        ops.set_num_threads(n0)
+    for u, v in zip([a[0]] + a[1] + a[2], [b[0]] + b[1] + b[2]):
+        assert torch.equal(u, v)
+
+
+def test_softplus_is_stable_for_large_inputs():
+    ws = [torch.full((1, 1, 1), 800.0, dtype=torch.float64), torch.ones(1, 1, 1, dtype=torch.float64)]
+    bs = [torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)]
+    x = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
+    out = ops.mlp_forward(ws, bs, x, "softplus")
+    assert torch.allclose(out[0, :, 0], torch.tensor([800.0, 0.0], dtype=torch.float64))
+    out = ops.mlp_forward(ws, bs, x, "sigmoid")
+    assert torch.equal(out[0, :, 0], torch.tensor([1.0, 0.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("n,shapes", [(1, [(1, 1)]), (4, [(7, 3), (5,)]), (3, [(65, 1), (2, 2, 2)])])
+def test_adam_step_matches_reference_and_torch_optim(n, shapes, dtype):
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(n, *s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
+    ref = [p.clone() for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    mr = [torch.zeros_like(p) for p in params]
+    vr = [torch.zeros_like(p) for p in params]
+    lr = torch.linspace(1e-3, 1e-1, n, dtype=dtype)
+    # torch.optim.Adam, one optimiser per student (the per-student learning rate)
+    tp = [[p[i].clone().requires_grad_(True) for p in params] for i in range(n)]
+    opts = [torch.optim.Adam(tp[i], lr=float(lr[i])) for i in range(n)]
+    for step in range(1, 6):
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype) for p in params]
+        ops.adam_step(params, grads, m, v, step, lr)
+        ops.adam_step_reference(ref, grads, mr, vr, step, lr)
+        for i in range(n):
+            for t, gr in zip(tp[i], grads):
+                t.grad = gr[i].clone()
+            opts[i].step()
+    tol = RTOL[dtype]
+    for p, r in zip(params, ref):
+        assert rel(p, r) < tol
+    for i in range(n):
+        for p, t in zip(params, tp[i]):
+            assert rel(p[i], t.detach()) < tol
+
+
+def test_adam_per_student_step_and_frozen_student():
+    p = [torch.ones(2, 3, dtype=torch.float64)]
+    g = [torch.full((2, 3), 0.5, dtype=torch.float64)]
+    m = [torch.zeros(2, 3, dtype=torch.float64)]
+    v = [torch.zeros(2, 3, dtype=torch.float64)]
+    ops.adam_step(p, g, m, v, torch.tensor([1, 7]), torch.tensor([0.1, 0.0], dtype=torch.float64))
+    assert torch.allclose(p[0][0], torch.full((3,), 0.9, dtype=torch.float64))  # first step: lr
+    assert torch.equal(p[0][1], torch.ones(3, dtype=torch.float64))  # lr 0: frozen
+
+
+# ---------------------------------------------------------------------------------------------
+# bad arguments: clear errors naming the argument
+
+
+def _good():
+    ws, bs = ensemble(2, [3, 4, 1], torch.float64)
+    return ws, bs, torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,match",
+    [
+        (lambda ws, bs, x, y: (ws, bs, x.float(), y), TypeError, "x: expected dtype"),
+        (lambda ws, bs, x, y: (ws, bs, x[:, :2].contiguous(), y), ValueError, r"x: expected shape"),
+        (lambda ws, bs, x, y: (ws, bs, x, y[:3]), ValueError, r"y: expected shape"),
+        (lambda ws, bs, x, y: (ws, bs, x.T.contiguous().T, y), ValueError, "x: expected a contiguous"),
+        (lambda ws, bs, x, y: (ws, bs[:1], x, y), ValueError, "biases: expected 2"),
+        (lambda ws, bs, x, y: ([ws[0], ws[1][:1].contiguous()], bs, x, y), ValueError,
+         r"weights\[1\]: expected shape"),
+        (lambda ws, bs, x, y: (ws, bs, x.masked_fill(x > 1, float("nan")), y), ValueError,
+         "x: contains NaN"),
+        (lambda ws, bs, x, y: (ws, bs, x, y.masked_fill(y > -9, float("inf"))), ValueError,
+         "y: contains NaN or Inf"),
+        (lambda ws, bs, x, y: (ws, bs, x[:0], y[:0]), ValueError, "at least one query"),
+        (lambda ws, bs, x, y: ([w.numpy() for w in ws], bs, x, y), TypeError,
+         r"weights\[0\]: expected a torch.Tensor"),
+    ],
+)
+def test_mse_grad_bad_arguments(mutate, exc, match):
+    with pytest.raises(exc, match=match):
+        ops.mlp_mse_grad(*mutate(*_good()), "tanh")
+
+
+def test_unknown_activation():
+    ws, bs, x, y = _good()
+    with pytest.raises(ValueError, match="activation: unknown activation 'swish'"):
+        ops.mlp_forward(ws, bs, x, "swish")
+
+
+def test_adam_bad_arguments():
+    p = [torch.zeros(2, 3)]
+    with pytest.raises(ValueError, match="step: expected step numbers >= 1"):
+        ops.adam_step(p, p, p, p, 0, torch.ones(2))
+    with pytest.raises(ValueError, match=r"params\[0\]: expected 3 students"):
+        ops.adam_step(p, p, p, p, 1, torch.ones(3))
+    with pytest.raises(TypeError, match=r"grads\[0\]: expected dtype"):
+        ops.adam_step(p, [torch.zeros(2, 3, dtype=torch.float64)], p, p, 1, torch.ones(2))
+    with pytest.raises(ValueError, match="lr: expected finite learning rates >= 0"):
+        ops.adam_step(p, p, p, p, 1, torch.tensor([1.0, -1.0]))
+
+
+def test_compiled_module_reports_backends():
+    import expand_and_cluster
+
+    assert "cpu" in expand_and_cluster.backends()
+    assert expand_and_cluster.__version__ == ops._lib().__version__
+
+
+@pytest.mark.parametrize("activation,widths", [("relu", [3, 5, 2]), ("gelu", [3, 5, 2])])
+def test_gradcheck_float64(activation, widths):
+    """Finite differences as an independent check of the kernel's backward pass."""
+    ws, bs = ensemble(2, widths, torch.float64, seed=3)
+    x = torch.randn(11, widths[0], dtype=torch.float64)
+    y = torch.randn(11, widths[-1], dtype=torch.float64)
+    _, gw, _ = ops.mlp_mse_grad(ws, bs, x, y, activation)
+    eps = 1e-6
+    for idx in [(0, 0, 0), (1, 4, 2), (1, 2, 1)]:
+        wp = [w.clone() for w in ws]
+        wm = [w.clone() for w in ws]
+        wp[0][idx] += eps
+        wm[0][idx] -= eps
+        lp = ops.mlp_mse_grad(wp, bs, x, y, activation)[0][idx[0]]
+        lm = ops.mlp_mse_grad(wm, bs, x, y, activation)[0][idx[0]]
+        assert abs(float((lp - lm) / (2 * eps)) - float(gw[0][idx])) < 1e-6
