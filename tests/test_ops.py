@@ -1,6 +1,5 @@
 """Kernels against their pure-torch references and torch.autograd (DESIGN.md, Tests)."""
 
-
 import pytest
 import torch
 
@@ -12,13 +11,16 @@ from tests.conftest import RTOL
 def ensemble(n, widths, dtype, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
     ws = [
-        (torch.randn(n, widths[l + 1], widths[l], generator=g, dtype=torch.float64)
-         / widths[l] ** 0.5).to(dtype=dtype, device=device)
+        (
+            torch.randn(n, widths[l + 1], widths[l], generator=g, dtype=torch.float64)
+            / widths[l] ** 0.5
+        ).to(dtype=dtype, device=device)
         for l in range(len(widths) - 1)
     ]
     bs = [
-        (0.3 * torch.randn(n, widths[l + 1], generator=g, dtype=torch.float64)).to(dtype=dtype,
-                                                                                    device=device)
+        (0.3 * torch.randn(n, widths[l + 1], generator=g, dtype=torch.float64)).to(
+            dtype=dtype, device=device
+        )
         for l in range(len(widths) - 1)
     ]
     return ws, bs
@@ -67,8 +69,13 @@ def test_ensemble_equals_single_student_calls(dtype):
     y = torch.randn(b, 3, dtype=dtype)
     loss, gw, gb = ops.mlp_mse_grad(ws, bs, x, y, "tanh")
     for i in range(n):
-        l1, g1, h1 = ops.mlp_mse_grad([w[i : i + 1].contiguous() for w in ws],
-                                      [v[i : i + 1].contiguous() for v in bs], x, y, "tanh")
+        l1, g1, h1 = ops.mlp_mse_grad(
+            [w[i : i + 1].contiguous() for w in ws],
+            [v[i : i + 1].contiguous() for v in bs],
+            x,
+            y,
+            "tanh",
+        )
         # same chunking, same summation order: bitwise equal
         assert torch.equal(l1[0], loss[i])
         for a, c in zip(g1 + h1, gw + gb):
@@ -92,7 +99,10 @@ def test_results_do_not_depend_on_thread_count():
 
 
 def test_softplus_is_stable_for_large_inputs():
-    ws = [torch.full((1, 1, 1), 800.0, dtype=torch.float64), torch.ones(1, 1, 1, dtype=torch.float64)]
+    ws = [
+        torch.full((1, 1, 1), 800.0, dtype=torch.float64),
+        torch.ones(1, 1, 1, dtype=torch.float64),
+    ]
     bs = [torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)]
     x = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
     out = ops.mlp_forward(ws, bs, x, "softplus")
@@ -101,7 +111,9 @@ def test_softplus_is_stable_for_large_inputs():
     assert torch.equal(out[0, :, 0], torch.tensor([1.0, 0.0], dtype=torch.float64))
 
 
-@pytest.mark.parametrize("n,shapes", [(1, [(1, 1)]), (4, [(7, 3), (5,)]), (3, [(65, 1), (2, 2, 2)])])
+@pytest.mark.parametrize(
+    "n,shapes", [(1, [(1, 1)]), (4, [(7, 3), (5,)]), (3, [(65, 1), (2, 2, 2)])]
+)
 def test_adam_step_matches_reference_and_torch_optim(n, shapes, dtype):
     g = torch.Generator().manual_seed(0)
     params = [torch.randn(n, *s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
@@ -155,17 +167,33 @@ def _good():
         (lambda ws, bs, x, y: (ws, bs, x.float(), y), TypeError, "x: expected dtype"),
         (lambda ws, bs, x, y: (ws, bs, x[:, :2].contiguous(), y), ValueError, r"x: expected shape"),
         (lambda ws, bs, x, y: (ws, bs, x, y[:3]), ValueError, r"y: expected shape"),
-        (lambda ws, bs, x, y: (ws, bs, x.T.contiguous().T, y), ValueError, "x: expected a contiguous"),
+        (
+            lambda ws, bs, x, y: (ws, bs, x.T.contiguous().T, y),
+            ValueError,
+            "x: expected a contiguous",
+        ),
         (lambda ws, bs, x, y: (ws, bs[:1], x, y), ValueError, "biases: expected 2"),
-        (lambda ws, bs, x, y: ([ws[0], ws[1][:1].contiguous()], bs, x, y), ValueError,
-         r"weights\[1\]: expected shape"),
-        (lambda ws, bs, x, y: (ws, bs, x.masked_fill(x > 1, float("nan")), y), ValueError,
-         "x: contains NaN"),
-        (lambda ws, bs, x, y: (ws, bs, x, y.masked_fill(y > -9, float("inf"))), ValueError,
-         "y: contains NaN or Inf"),
+        (
+            lambda ws, bs, x, y: ([ws[0], ws[1][:1].contiguous()], bs, x, y),
+            ValueError,
+            r"weights\[1\]: expected shape",
+        ),
+        (
+            lambda ws, bs, x, y: (ws, bs, x.masked_fill(x >= x.max(), float("nan")), y),
+            ValueError,
+            "x: contains NaN",
+        ),
+        (
+            lambda ws, bs, x, y: (ws, bs, x, y.masked_fill(y >= y.max(), float("inf"))),
+            ValueError,
+            "y: contains NaN or Inf",
+        ),
         (lambda ws, bs, x, y: (ws, bs, x[:0], y[:0]), ValueError, "at least one query"),
-        (lambda ws, bs, x, y: ([w.numpy() for w in ws], bs, x, y), TypeError,
-         r"weights\[0\]: expected a torch.Tensor"),
+        (
+            lambda ws, bs, x, y: ([w.numpy() for w in ws], bs, x, y),
+            TypeError,
+            r"weights\[0\]: expected a torch.Tensor",
+        ),
     ],
 )
 def test_mse_grad_bad_arguments(mutate, exc, match):

@@ -20,4 +20,11 @@ def backends() -> list[str]:
     return list(_C.backends())
 
 
-__all__ = ["ACTIVATIONS", "Activation", "SymmetryClass", "backends", "get_activation", "__version__"]
+__all__ = [
+    "ACTIVATIONS",
+    "Activation",
+    "SymmetryClass",
+    "backends",
+    "get_activation",
+    "__version__",
+]

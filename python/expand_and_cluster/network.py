@@ -103,8 +103,10 @@ class Network:
                 if l < len(self.weights) - 1:
                     h = act.fn(h)
             if self.linear_weight is not None:
-                h = h + x0 @ torch.as_tensor(self.linear_weight, dtype=dtype).T + torch.as_tensor(
-                    self.linear_bias, dtype=dtype
+                h = (
+                    h
+                    + x0 @ torch.as_tensor(self.linear_weight, dtype=dtype).T
+                    + torch.as_tensor(self.linear_bias, dtype=dtype)
                 )
         return h.to(torch.float64).numpy()
 

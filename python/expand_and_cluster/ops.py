@@ -25,6 +25,13 @@ from .activations import Activation, get_activation
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
 
+#: Above this many weights in one student's layer (in * out), the CPU ops use torch's batched
+#: matrix products (MKL/oneDNN) instead of the fused kernel: measured on a 2-core AMD EPYC, the
+#: fused kernel wins at 64-64-10 (3.2 vs 3.9 ms, N = 20, B = 512) and 64-256-10 (13.3 vs 16.1 ms),
+#: torch wins at 200-100-10 and 784-256-10 (55 vs 243 ms), where one student's weights no longer
+#: stay in cache across the batch tiles. See benchmarks/RESULTS.md.
+TORCH_PATH_MIN_LAYER_SIZE = 16384 + 1
+
 __all__ = [
     "adam_step",
     "adam_step_reference",
@@ -38,6 +45,7 @@ __all__ = [
     "mlp_mse_grad_reference",
     "num_threads",
     "set_num_threads",
+    "uses_torch_path",
 ]
 
 
@@ -77,7 +85,9 @@ def _check_tensor(t, name: str, ndim: int, dtype=None, device=None) -> torch.Ten
     if t.dim() != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
     if device is not None and t.device != device:
-        raise ValueError(f"{name}: expected device {device} (as the other arguments), got {t.device}")
+        raise ValueError(
+            f"{name}: expected device {device} (as the other arguments), got {t.device}"
+        )
     if t.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{name}: expected a cpu or cuda tensor, got device {t.device}")
     if not t.is_contiguous():
@@ -97,7 +107,9 @@ def _check_ensemble(weights, biases):
     if len(weights) < 1:
         raise ValueError("weights: expected at least one layer")
     if len(weights) > 9:
-        raise ValueError(f"weights: at most 8 hidden layers (9 tensors) supported, got {len(weights)}")
+        raise ValueError(
+            f"weights: at most 8 hidden layers (9 tensors) supported, got {len(weights)}"
+        )
     if len(biases) != len(weights):
         raise ValueError(
             f"biases: expected {len(weights)} tensors (one per weight), got {len(biases)}"
@@ -106,7 +118,7 @@ def _check_ensemble(weights, biases):
     dtype, device = w0.dtype, w0.device
     n = w0.shape[0]
     if n < 1:
-        raise ValueError("weights[0]: expected N >= 1 students, got shape " f"{tuple(w0.shape)}")
+        raise ValueError(f"weights[0]: expected N >= 1 students, got shape {tuple(w0.shape)}")
     widths = [int(w0.shape[2])]
     for l, (w, b) in enumerate(zip(weights, biases)):
         _check_tensor(w, f"weights[{l}]", 3, dtype, device)
@@ -128,7 +140,9 @@ def _check_ensemble(weights, biases):
 def _check_inputs(x, y, widths, dtype, device, check_finite: bool):
     _check_tensor(x, "x", 2, dtype, device)
     if x.shape[1] != widths[0]:
-        raise ValueError(f"x: expected shape [B, {widths[0]}] (d_in of weights[0]), got {tuple(x.shape)}")
+        raise ValueError(
+            f"x: expected shape [B, {widths[0]}] (d_in of weights[0]), got {tuple(x.shape)}"
+        )
     if check_finite:
         _check_finite(x, "x")
     if y is not None:
@@ -140,6 +154,49 @@ def _check_inputs(x, y, widths, dtype, device, check_finite: bool):
             )
         if check_finite:
             _check_finite(y, "y")
+
+
+def _forward_torch(weights, biases, x, act: Activation):
+    """Pre-activations ``zs`` and activations ``hs`` (hs[0] = x) with batched matmuls."""
+    zs, hs = [], [x]
+    h = x
+    for l, (w, b) in enumerate(zip(weights, biases)):
+        if l == 0:  # x is shared by all students: one [B, d_in] x [N, d_in, out] product
+            z = torch.matmul(x, w.transpose(1, 2)) + b[:, None, :]
+        else:
+            z = torch.baddbmm(b[:, None, :], h, w.transpose(1, 2))
+        zs.append(z)
+        if l < len(weights) - 1:
+            h = act.fn(z)
+            hs.append(h)
+    return zs, hs
+
+
+def _mlp_mse_grad_torch(weights, biases, x, y, act: Activation, gw, gb, loss):
+    """The torch path of :func:`mlp_mse_grad`: explicit backward pass with batched matmuls (no
+    graph over the matmuls); only the elementwise activation derivative uses autograd."""
+    with torch.no_grad():
+        zs, hs = _forward_torch(weights, biases, x, act)
+        r = zs[-1] - y
+        scale = 2.0 / (x.shape[0] * y.shape[1])
+        torch.sum(r * r, dim=(1, 2), out=loss).mul_(0.5 * scale)
+        d = r.mul_(scale)
+        for l in range(len(weights) - 1, -1, -1):
+            torch.matmul(d.transpose(1, 2), hs[l], out=gw[l])
+            torch.sum(d, dim=1, out=gb[l])
+            if l > 0:
+                dh = torch.bmm(d, weights[l])
+                with torch.enable_grad():
+                    z = zs[l - 1].detach().requires_grad_(True)
+                    (d,) = torch.autograd.grad(act.fn(z), z, dh)
+
+
+def uses_torch_path(widths: Sequence[int], device: str | torch.device = "cpu") -> bool:
+    """True when :func:`mlp_mse_grad` / :func:`mlp_forward` dispatch to the torch path for an
+    ensemble of these widths (``[d_in, hidden..., d_out]``) on ``device``."""
+    if torch.device(device).type != "cpu":
+        return False
+    return max(a * b for a, b in zip(widths[:-1], widths[1:])) >= TORCH_PATH_MIN_LAYER_SIZE
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,6 +234,9 @@ def mlp_forward(
     act = get_activation(activation)
     n, widths, dtype, device = _check_ensemble(weights, biases)
     _check_inputs(x, None, widths, dtype, device, check_finite)
+    if uses_torch_path(widths, device):
+        with torch.no_grad():
+            return _forward_torch(weights, biases, x, act)[0][-1].contiguous()
     out = torch.empty((n, x.shape[0], widths[-1]), dtype=dtype, device=device)
     _lib().mlp_forward(
         [w.data_ptr() for w in weights],
@@ -258,6 +318,9 @@ def mlp_mse_grad(
         loss = _check_tensor(out_loss, "out_loss", 1, dtype, device)
         if loss.shape[0] != n:
             raise ValueError(f"out_loss: expected shape [{n}], got {tuple(loss.shape)}")
+    if uses_torch_path(widths, device):
+        _mlp_mse_grad_torch(weights, biases, x, y, act, gw, gb, loss)
+        return loss, gw, gb
     _lib().mlp_mse_grad(
         [w.data_ptr() for w in weights],
         [b.data_ptr() for b in biases],
@@ -368,8 +431,12 @@ def adam_step(
         p = params[i]
         if not isinstance(p, torch.Tensor) or p.dim() < 1:
             raise TypeError(f"params[{i}]: expected a tensor of shape [N, ...]")
-        for name, t in (("params", p), ("grads", grads[i]), ("exp_avg", exp_avg[i]),
-                        ("exp_avg_sq", exp_avg_sq[i])):
+        for name, t in (
+            ("params", p),
+            ("grads", grads[i]),
+            ("exp_avg", exp_avg[i]),
+            ("exp_avg_sq", exp_avg_sq[i]),
+        ):
             _check_tensor(t, f"{name}[{i}]", p.dim(), dtype, device)
             if t.shape != p.shape:
                 raise ValueError(
@@ -399,8 +466,9 @@ def adam_step(
     )
 
 
-def adam_step_reference(params, grads, exp_avg, exp_avg_sq, step, lr, beta1=0.9, beta2=0.999,
-                        eps=1e-8) -> None:
+def adam_step_reference(
+    params, grads, exp_avg, exp_avg_sq, step, lr, beta1=0.9, beta2=0.999, eps=1e-8
+) -> None:
     """Pure-torch twin of :func:`adam_step` (in place)."""
     n = lr.shape[0]
     if not isinstance(step, torch.Tensor):
@@ -449,8 +517,13 @@ def cosine_distances(v: torch.Tensor, absolute: bool = False) -> torch.Tensor:
     m = int(v.shape[0])
     out = torch.empty((m, m), dtype=torch.float64, device=v.device)
     _lib().cosine_distances(
-        v.data_ptr(), m, int(v.shape[1]), _DTYPE_CODES[v.dtype], bool(absolute), out.data_ptr(),
-        _device_code(v)
+        v.data_ptr(),
+        m,
+        int(v.shape[1]),
+        _DTYPE_CODES[v.dtype],
+        bool(absolute),
+        out.data_ptr(),
+        _device_code(v),
     )
     return out
 
@@ -509,8 +582,10 @@ def average_linkage(dist, overwrite: bool = False) -> np.ndarray:
         raise ValueError("dist: contains NaN or Inf")
     if (dist < 0).any():
         raise ValueError("dist: expected distances >= 0")
-    work = dist if (overwrite and dist.flags.c_contiguous and dist.flags.writeable) else (
-        np.array(dist, dtype=np.float64, order="C", copy=True)
+    work = (
+        dist
+        if (overwrite and dist.flags.c_contiguous and dist.flags.writeable)
+        else (np.array(dist, dtype=np.float64, order="C", copy=True))
     )
     z = np.empty((m - 1, 4), dtype=np.float64)
     _lib().average_linkage(work.ctypes.data, m, z.ctypes.data)
