@@ -1,0 +1,148 @@
+"""The command line: user errors exit 2 with one line and no output folder; a run writes
+report.json (DESIGN.md schema), recovered.npz and the figures."""
+
+import json
+
+import numpy as np
+import pytest
+
+from expand_and_cluster.cli import main
+from expand_and_cluster.teacher import load_network, planted_teacher, probe, save_network
+
+FAST = [
+    "--students",
+    "6",
+    "--width",
+    "6",
+    "--epochs",
+    "60",
+    "--batch-size",
+    "256",
+    "--polish-iterations",
+    "300",
+    "--finetune-iterations",
+    "300",
+    "--quiet",
+]
+
+
+@pytest.fixture
+def queries(tmp_path):
+    teacher = planted_teacher(4, [3], 1, "tanh", seed=2, min_angle_degrees=30)
+    X, Y = probe(teacher, 3000, "gaussian", seed=0)
+    path = tmp_path / "q.npz"
+    np.savez(path, X=X, Y=Y)
+    tpath = tmp_path / "teacher.npz"
+    save_network(teacher, tpath)
+    return path, tpath, teacher
+
+
+def _run_error(capsys, argv, match):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert match in err
+    return err
+
+
+def test_bad_inputs_exit_2_without_output(tmp_path, capsys, queries):
+    qpath, _, _ = queries
+    out = tmp_path / "out"
+    base = ["recover", "--activation", "tanh", "--out", str(out)]
+    _run_error(capsys, base + ["--queries", str(tmp_path / "missing.npz")], "missing.npz")
+    bad = tmp_path / "bad.npz"
+    bad.write_text("not an npz")
+    _run_error(capsys, base + ["--queries", str(bad)], "bad.npz")
+    X = np.random.default_rng(0).standard_normal((10, 2))
+    X[3, 1] = np.nan
+    np.savez(tmp_path / "nan.npz", X=X, Y=np.ones((10, 1)))
+    _run_error(capsys, base + ["--queries", str(tmp_path / "nan.npz")], "NaN")
+    np.savez(tmp_path / "len.npz", X=np.ones((10, 2)), Y=np.ones((9, 1)))
+    _run_error(capsys, base + ["--queries", str(tmp_path / "len.npz")], "len.npz")
+    np.savez(tmp_path / "nokey.npz", X=np.ones((10, 2)))
+    _run_error(capsys, base + ["--queries", str(tmp_path / "nokey.npz")], "Y")
+    argv = ["recover", "--activation", "swish", "--out", str(out), "--queries", str(qpath)]
+    _run_error(capsys, argv, "swish")
+    _run_error(
+        capsys, base + ["--queries", str(qpath), "--students", "3", "--gamma", "0.5"], "gamma * N"
+    )
+    assert not out.exists()
+    assert not any(p.name.startswith(".out.partial") for p in tmp_path.iterdir())
+
+
+def test_argparse_errors_exit_2(capsys):
+    assert main(["recover", "--activation", "tanh"]) == 2
+    assert (
+        main(
+            ["recover", "--queries", "q.npz", "--activation", "tanh", "--out", "x", "--gamma", "2"]
+        )
+        == 2
+    )
+
+
+def test_recover_writes_report_network_and_figures(tmp_path, capsys, queries):
+    qpath, tpath, teacher = queries
+    out = tmp_path / "run"
+    assert (
+        main(["recover", "--queries", str(qpath), "--activation", "tanh", "--out", str(out), *FAST])
+        == 0
+    )
+    rep = json.loads((out / "report.json").read_text())
+    for key in [
+        "version",
+        "backend",
+        "activation",
+        "dtype",
+        "students",
+        "student_widths",
+        "gamma",
+        "beta_degrees",
+        "queries",
+        "recovered_sizes",
+        "teacher_sizes",
+        "alignment",
+        "student_losses",
+        "recovered_relative_mse",
+        "timings_s",
+    ]:
+        assert key in rep
+    assert rep["recovered_sizes"] == [3]
+    assert rep["teacher_sizes"] is None  # black box
+    net = load_network(out / "recovered.npz")
+    assert net.hidden_sizes == [3]
+    for fig in ["dendrogram.png", "distance_matrix.png", "training.png"]:
+        assert (out / fig).stat().st_size > 1000
+    # an existing non-empty folder is not overwritten without --force
+    _run_error(
+        capsys,
+        ["recover", "--queries", str(qpath), "--activation", "tanh", "--out", str(out), *FAST],
+        "exists",
+    )
+
+
+def test_recover_from_teacher_scores_alignment(tmp_path, capsys, queries):
+    _, tpath, teacher = queries
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "recover",
+                "--teacher",
+                str(tpath),
+                "--activation",
+                "tanh",
+                "--n-queries",
+                "2000",
+                "--out",
+                str(out),
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["teacher_sizes"] == [3]
+    assert rep["alignment"][0]["max"] < 1e-3
+    assert (out / "alignment.png").exists()
+    assert "recovered hidden width: [3] (teacher: [3])" in capsys.readouterr().out
