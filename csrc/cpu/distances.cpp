@@ -8,6 +8,11 @@
 // symmetric; the mirrored write of a tile is one 64-byte run per row. Rows are processed in blocks
 // of up to 32 tiles that share a sweep over the j tiles (each j tile is read once per block,
 // from L1/L2). OpenMP hands out row blocks dynamically: the upper triangle gives uneven work.
+//
+// At large M a fresh output costs as much as the arithmetic: the first touch of 3.2 GB (M =
+// 20,000) page-faults it in, which every thread does for its own rows. Asking for transparent
+// huge pages (madvise) was measured: faster on reused memory, but about 3x slower on a process's
+// first large allocation (synchronous compaction and zeroing), so it is not done.
 #include "common/vector_math.h"
 
 #include <algorithm>
@@ -16,10 +21,6 @@
 #include <limits>
 #include <stdexcept>
 #include <vector>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "common/ops.h"
 
@@ -118,30 +119,12 @@ inline void store_tile(const double (&acc)[kT][kT], int64_t ti, int64_t tj, int6
   }
 }
 
-// Ask Linux to back the output with transparent huge pages (a hint; ignored where THP is off).
-// A fresh [M, M] output is first touched here, and faulting in 4 KiB pages (and the TLB misses of
-// the strided mirrored writes) otherwise costs more than the arithmetic for large M.
-void advise_huge_pages(double* out, int64_t m) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const uintptr_t bytes = static_cast<uintptr_t>(m) * static_cast<uintptr_t>(m) * sizeof(double);
-  if (bytes < 16 * kHuge) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(out) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(out) + bytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)out;
-  (void)m;
-#endif
-}
-
 template <typename T>
 void cosine_impl(const T* v, int64_t m, int64_t d, bool absolute, double* out) {
   const int64_t n_tiles = (m + kT - 1) / kT;
   const int64_t tile_len = d * kT;
   std::vector<double> packed(static_cast<size_t>(n_tiles * tile_len), 0.0);
   double* pk = packed.data();
-  advise_huge_pages(out, m);
 
 #pragma omp parallel
   {

@@ -2,19 +2,21 @@
 // "NN-chain-linkage"), following the steps of scipy.cluster.hierarchy's nn_chain, on a square
 // matrix so that every scan of a cluster's distances is one contiguous row.
 //
-// The [M, M] input is the working matrix (the caller gives up its contents). Slot i holds one
-// active cluster; a merge of slots x < y keeps the new cluster in y and retires x. Retired slots
-// (and the diagonal) read +inf in every active row, so the nearest-neighbour scan is a branch-free
-// vectorised min over the row. The Lance-Williams update rewrites row y contiguously and then
-// column y (and x := +inf) in every active row (strided; these writes are the main memory cost).
-// Whenever at most half the slots are active, the matrix is compacted in place to the active
-// slots (in order, so ties still resolve to the lowest original index as in scipy), which keeps
-// the rows short and the working set shrinking; the copies cost O(M^2) in total.
+// The [M, M] input is the working matrix (the caller gives up its contents); it is first made
+// exactly symmetric from its upper triangle, which is what scipy reads. Slot i holds one active
+// cluster; a merge of slots x < y keeps the new cluster in y and retires x. The nearest-neighbour
+// scan is a branch-free vectorised min over the row plus a mask (+inf for retired slots; the
+// diagonal is +inf). The Lance-Williams update rewrites row y contiguously; column y is not
+// written (that would be one cache and TLB miss per active row and merge, which dominates an
+// eager implementation on a large matrix): rows are refreshed lazily, see Chain. Whenever at
+// most half the slots are active, the matrix is compacted in place to the active slots (in
+// order, so ties still resolve to the lowest original index as in scipy) and made symmetric
+// again, which keeps rows short and the working set shrinking; O(M^2) work in total.
 //
 // The update (nx * d(x, i) + ny * d(y, i)) / (nx + ny) is evaluated with scipy's operations in
 // scipy's order, without FMA contraction, and ties go to the previous chain element and then to
 // the lowest index, as in scipy: the merges, and so the final linkage matrix, match scipy's
-// bit for bit except where scipy itself is sensitive to rounding.
+// bit for bit (scipy's x86-64 wheels evaluate the update without FMA too).
 //
 // Finally, as scipy does, the merges are stable-sorted by height and relabelled with a union-find
 // (new cluster of row i gets id M + i; each row lists the smaller id first).
@@ -38,6 +40,8 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr int64_t kScanBlock = 256;
 // Compact the matrix when at most half of its slots are active, once it has at least this many.
 constexpr int64_t kMinCompactSlots = 256;
+// Tile side of symmetrize().
+constexpr int64_t kSymTile = 64;
 
 // Lowest index i of the minimum of row[i] + mask[i] over [0, n), and that minimum; -1 when every
 // entry is +inf. mask is 0 for an active slot and +inf for a retired one.
@@ -92,6 +96,58 @@ void average_update(const double* __restrict row_x, double* __restrict row_y, in
   for (int64_t i = 0; i < n; ++i) row_y[i] = (nx * row_x[i] + ny * row_y[i]) / nxy;
 }
 
+// Make the [s, s] matrix symmetric, tile pair by tile pair. For i < j the value kept is row(j)[i]
+// when born[j] > fresh[i] (row j is the newer one, see Chain), else row(i)[j]; with all times 0
+// (the input) that is scipy's reading of the upper triangle. The lower tile of a pair is read
+// and written back by rows (contiguous runs) through a transposed copy in L1, and only rows that
+// changed are written, so an already symmetric input is only read.
+void symmetrize(double* d, int64_t s, const int64_t* born, const int64_t* fresh) {
+  constexpr int64_t T = kSymTile;
+  const int64_t n_tiles = (s + T - 1) / T;
+#pragma omp parallel if (s >= 2 * T)
+  {
+    double lo[T][T];  // lo[ii][jj] = d[(j0 + jj) * s + i0 + ii]: the lower tile, transposed
+    bool dirty[T];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t ti = 0; ti < n_tiles; ++ti) {
+      const int64_t i0 = ti * T, ni = std::min(T, s - i0);
+      for (int64_t j0 = i0; j0 < s; j0 += T) {
+        const int64_t nj = std::min(T, s - j0);
+        const bool diag = j0 == i0;  // the diagonal tile: pairs j > i only
+        for (int64_t jj = 0; jj < nj; ++jj) {
+          const double* src = d + (j0 + jj) * s + i0;
+          for (int64_t ii = 0; ii < ni; ++ii) lo[ii][jj] = src[ii];
+          dirty[jj] = false;
+        }
+        for (int64_t ii = 0; ii < ni; ++ii) {
+          const int64_t i = i0 + ii;
+          double* up = d + i * s + j0;
+          const int64_t jj0 = diag ? ii + 1 : 0;
+          bool same = true;  // vectorised test first: usually there is nothing to do
+#pragma omp simd reduction(&& : same)
+          for (int64_t jj = jj0; jj < nj; ++jj) same = same && up[jj] == lo[ii][jj];
+          if (same) continue;
+          for (int64_t jj = jj0; jj < nj; ++jj) {
+            if (up[jj] == lo[ii][jj]) continue;
+            if (born[j0 + jj] > fresh[i]) {
+              up[jj] = lo[ii][jj];
+            } else {
+              lo[ii][jj] = up[jj];
+              dirty[jj] = true;
+            }
+          }
+        }
+        for (int64_t jj = 0; jj < nj; ++jj) {
+          if (!dirty[jj]) continue;
+          double* dst = d + (j0 + jj) * s + i0;
+          const int64_t ii1 = diag ? jj : ni;  // below the diagonal only
+          for (int64_t ii = 0; ii < ii1; ++ii) dst[ii] = lo[ii][jj];
+        }
+      }
+    }
+  }
+}
+
 // The working state: `s` slots, matrix rows of stride s.
 //
 // Symmetry is restored lazily. Time counts merges; born[b] is when the cluster in slot b was
@@ -137,6 +193,7 @@ struct Chain {
     std::iota(orig.begin(), orig.end(), int64_t(0));
     std::iota(act.begin(), act.end(), int64_t(0));
     std::iota(pos.begin(), pos.end(), int64_t(0));
+    symmetrize(d, m, born.data(), fresh.data());
     for (int64_t i = 0; i < m; ++i) d[i * m + i] = kInf;
   }
 
@@ -164,6 +221,9 @@ struct Chain {
         n_stale += born[b] > since;
       }
     }
+    // Serial on purpose: an OpenMP region per refresh pays off only by ~10% on an idle machine
+    // and costs ~3x when the other core is busy (each region then waits for a descheduled
+    // worker).
     double* rx = row(x);
     for (int64_t q = 0; q < n_stale; ++q) rx[stale[q]] = d[stale[q] * s + x];
     fresh[x] = now;
@@ -172,7 +232,7 @@ struct Chain {
   // Keep only the active slots, in increasing order, as a [n_act, n_act] matrix at the start of
   // the buffer. In place: the entry (r, c) moves from keep[r] * s + keep[c] to r * n_act + c,
   // which is never after where it was, and entries are moved in increasing order of both.
-  // Entries are copied as they are (stale ones stay stale, born/fresh/log move with the slots).
+  // Then every row is made complete (symmetrize), so later refreshes start from scratch.
   void compact() {
     const int64_t a = n_act;
     int64_t* keep = act.data();  // rebuilt below as the identity
@@ -200,6 +260,8 @@ struct Chain {
     }
     s = a;
     first = 0;
+    symmetrize(d, s, born.data(), fresh.data());
+    std::fill_n(fresh.begin(), a, now);
   }
 
   // Follow the chain until its last two elements are reciprocal nearest neighbours; return them
@@ -227,6 +289,9 @@ struct Chain {
         y = act[0] != x ? act[0] : act[1];
         h = rx[y];
       }
+      // A chain of distinct clusters is never longer than n_act; it can only cycle on NaN.
+      if (chain_len == n_act)
+        throw std::invalid_argument("average_linkage: dist must not contain NaN");
       chain[chain_len++] = y;
     }
   }
