@@ -10,10 +10,6 @@
 #include <string>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "common/activations.h"
 #include "common/ops.h"
 
@@ -174,19 +170,11 @@ std::vector<std::string> backends() {
   return out;
 }
 
-int num_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
+int num_threads() { return eac::kernel_threads(); }
 
 void set_num_threads(int n) {
   if (n < 1) throw std::invalid_argument("set_num_threads: n must be >= 1");
-#ifdef _OPENMP
-  omp_set_num_threads(n);
-#endif
+  eac::set_kernel_threads(n);
 }
 
 }  // namespace

@@ -8,6 +8,12 @@ namespace eac {
 
 enum class DType : int { F32 = 0, F64 = 1 };
 
+// Threads of the CPU kernels. Our own setting, not the OpenMP ICV: torch loads a libgomp of the
+// same soname, so the process has one OpenMP runtime and torch.set_num_threads() would otherwise
+// change our kernels' thread count too. Default: the number of processors.
+int kernel_threads();
+void set_kernel_threads(int n);
+
 constexpr int kMaxLinearLayers = 9;  // up to 8 hidden layers + the linear output layer
 
 // An ensemble of N MLPs that all read the same batch x.

@@ -24,7 +24,11 @@ void adam_impl(const AdamParams& a) {
     inv_bc2_sqrt[n] = static_cast<T>(1.0 / std::sqrt(bc2));
   }
   const int64_t total = static_cast<int64_t>(a.n_tensors) * a.n_students;
-#pragma omp parallel for schedule(static) if (total > 1)
+  // Below this many elements the update runs on the calling thread (team wake-up costs more).
+  constexpr double kMinParallelWork = 1e5;
+  double work = 0;
+  for (int k = 0; k < a.n_tensors; ++k) work += double(a.numel_per_student[k]) * a.n_students;
+#pragma omp parallel for schedule(static) if (total > 1 && work > kMinParallelWork) num_threads(kernel_threads())
   for (int64_t job = 0; job < total; ++job) {
     const int k = static_cast<int>(job / a.n_students);
     const int n = static_cast<int>(job % a.n_students);

@@ -126,7 +126,7 @@ void cosine_impl(const T* v, int64_t m, int64_t d, bool absolute, double* out) {
   std::vector<double> packed(static_cast<size_t>(n_tiles * tile_len), 0.0);
   double* pk = packed.data();
 
-#pragma omp parallel
+#pragma omp parallel num_threads(kernel_threads())
   {
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < m; ++i)

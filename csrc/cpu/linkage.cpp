@@ -104,7 +104,7 @@ void average_update(const double* __restrict row_x, double* __restrict row_y, in
 void symmetrize(double* d, int64_t s, const int64_t* born, const int64_t* fresh) {
   constexpr int64_t T = kSymTile;
   const int64_t n_tiles = (s + T - 1) / T;
-#pragma omp parallel if (s >= 2 * T)
+#pragma omp parallel if (s >= 2 * T) num_threads(kernel_threads())
   {
     double lo[T][T];  // lo[ii][jj] = d[(j0 + jj) * s + i0 + ii]: the lower tile, transposed
     bool dirty[T];

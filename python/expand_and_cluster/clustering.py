@@ -251,8 +251,9 @@ def _cosine_distances_scipy(u: np.ndarray, absolute: bool) -> np.ndarray:
 
 
 def _average_linkage_native(dist: np.ndarray) -> np.ndarray:
-    """UPGMA linkage ``[M-1, 4]`` of a square float64 matrix, C++ kernel (consumes ``dist``)."""
-    return ops.average_linkage(dist, overwrite=True)
+    """UPGMA linkage ``[M-1, 4]`` of a square float64 matrix, C++ kernel (consumes ``dist``; the
+    matrix comes from our distance functions, finite and >= 0, so the input scan is skipped)."""
+    return ops.average_linkage(dist, overwrite=True, check=False)
 
 
 def _average_linkage_scipy(dist: np.ndarray) -> np.ndarray:

@@ -539,7 +539,7 @@ def cosine_distances_reference(v: torch.Tensor, absolute: bool = False) -> torch
     return d.clamp_min_(0.0)
 
 
-def average_linkage(dist, overwrite: bool = False) -> np.ndarray:
+def average_linkage(dist, overwrite: bool = False, check: bool = True) -> np.ndarray:
     """Average-linkage (UPGMA) hierarchical clustering of a square distance matrix (C++ kernel).
 
     Same result as ``scipy.cluster.hierarchy.linkage(squareform(dist), method="average")`` (up to
@@ -549,7 +549,11 @@ def average_linkage(dist, overwrite: bool = False) -> np.ndarray:
     Parameters
     ----------
     dist : ``[M, M]`` float64 numpy array or torch tensor (CPU), symmetric, finite, >= 0, M >= 2.
-    overwrite : let the kernel use ``dist`` as its workspace (saves a copy of M^2 doubles).
+    overwrite : let the kernel use ``dist`` as its workspace (saves a copy of M^2 doubles, 3.2 GB
+        and about 1 s of first-touch page faults at M = 20,000).
+    check : scan ``dist`` for NaN/Inf and negative entries first (two passes over M^2 doubles,
+        about 1 s at M = 20,000). Pass False for a matrix from :func:`cosine_distances`, which is
+        finite and >= 0 by construction; the kernel still rejects NaN.
 
     Returns
     -------
@@ -578,9 +582,9 @@ def average_linkage(dist, overwrite: bool = False) -> np.ndarray:
     m = dist.shape[0]
     if m < 2:
         raise ValueError(f"dist: expected at least 2 observations, got {m}")
-    if not np.isfinite(dist).all():
+    if check and not np.isfinite(dist).all():
         raise ValueError("dist: contains NaN or Inf")
-    if (dist < 0).any():
+    if check and (dist < 0).any():
         raise ValueError("dist: expected distances >= 0")
     work = (
         dist
