@@ -81,3 +81,19 @@ def test_no_cluster_raises_clear_error():
     )
     with pytest.raises(NoClusterError, match="no cluster survived.*median angle above beta"):
         recover(X, Y, cfg)
+
+
+@pytest.mark.parametrize("activation", ["softplus", "relu"])
+def test_finetune_with_linear_term_and_several_outputs(activation):
+    """The least-squares linear term [d_out, d_in] comes out of lstsq transposed (non-contiguous
+    for d_out > 1); fine-tuning must accept it. From the teacher's own (sign-flipped) hidden layer
+    the reconstruction is exact up to the linear term, which least squares recovers."""
+    from expand_and_cluster.reconstruction import finetune, reconstruct_one_hidden_layer
+
+    teacher = planted_teacher(3, [2], 2, activation, seed=1, min_angle_degrees=30)
+    X, Y = probe(teacher, 500, "gaussian", seed=0)
+    incoming = teacher.incoming(0) * np.array([[1.0], [-1.0]])  # flip the second neuron
+    net = reconstruct_one_hidden_layer(incoming, X, Y, activation)
+    assert net.linear_weight.shape == (2, 3)
+    res = finetune(net, X, Y, max_iterations=50)
+    assert res.mse_after <= res.mse_before < 1e-20

@@ -54,8 +54,8 @@ class Network:
         if (self.linear_weight is None) != (self.linear_bias is None):
             raise ValueError("linear_weight and linear_bias: give both or neither")
         if self.linear_weight is not None:
-            self.linear_weight = np.asarray(self.linear_weight, dtype=np.float64)
-            self.linear_bias = np.asarray(self.linear_bias, dtype=np.float64)
+            self.linear_weight = np.ascontiguousarray(self.linear_weight, dtype=np.float64)
+            self.linear_bias = np.ascontiguousarray(self.linear_bias, dtype=np.float64)
             if self.linear_weight.shape != (self.d_out, self.d_in) or self.linear_bias.shape != (
                 self.d_out,
             ):
