@@ -29,8 +29,7 @@ def main() -> int:
     p.add_argument("--d-out", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--activations", nargs="*", default=CLASSES)
-    p.add_argument("extra", nargs=argparse.REMAINDER, help="options passed to recover")
-    a = p.parse_args()
+    a, extra = p.parse_known_args()  # unknown options go to `recover`
     a.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for act in a.activations:
@@ -58,7 +57,7 @@ def main() -> int:
             "--quiet",
             "--seed",
             str(a.seed),
-            *a.extra,
+            *extra,
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
