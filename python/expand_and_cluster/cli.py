@@ -152,19 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="recover a 64-k-10 tanh teacher trained on sklearn's digits")
     d.add_argument("--teacher-width", type=_positive_int("--teacher-width"), default=16)
-    d.add_argument("--search", action="store_true",
-                   help="run the expansion search instead of the demo's student width")
     _add_method_options(d)
     for a in d._actions:
         if a.dest == "out":
             a.required = False
             a.default = Path("runs/demo")
-        if a.dest == "width":
-            # 48 = 3 x the default teacher width (expansion factor 3, within the paper's 3-4):
-            # the expansion search's quick runs do not yet reach its loss target on the digits
-            # teacher within a CPU minute (it walks up to width 365), see docs/method.md.
-            a.default = 48
-            a.help = "student hidden width (default %(default)s; --search to search instead)"
     return parser
 
 
@@ -371,8 +363,6 @@ def cmd_demo(args, log) -> int:
     from .teacher import biased_noise_augmentation, save_network, save_queries, train_digits_teacher
 
     args.activation = "tanh"
-    if args.search:
-        args.width = None
     out = _Output(args.out, args.force)
     try:
         t0 = time.perf_counter()

@@ -27,10 +27,16 @@ class RecoveredMLP(torch.nn.Module):
         super().__init__()
         self.activation = get_activation(net.activation)
         self.weights = torch.nn.ParameterList(
-            [torch.nn.Parameter(torch.as_tensor(w, dtype=dtype).contiguous().clone()) for w in net.weights]
+            [
+                torch.nn.Parameter(torch.as_tensor(w, dtype=dtype).contiguous().clone())
+                for w in net.weights
+            ]
         )
         self.biases = torch.nn.ParameterList(
-            [torch.nn.Parameter(torch.as_tensor(b, dtype=dtype).contiguous().clone()) for b in net.biases]
+            [
+                torch.nn.Parameter(torch.as_tensor(b, dtype=dtype).contiguous().clone())
+                for b in net.biases
+            ]
         )
         self.linear_weight = (
             torch.nn.Parameter(torch.as_tensor(net.linear_weight, dtype=dtype).contiguous().clone())
