@@ -111,6 +111,8 @@ def test_recover_writes_report_network_and_figures(tmp_path, capsys, queries):
     assert rep["teacher_sizes"] is None  # black box
     net = load_network(out / "recovered.npz")
     assert net.hidden_sizes == [3]
+    students = np.load(out / "students.npz")
+    assert students["weight_0"].shape == (6, 6, 4) and students["relative_mse"].shape == (6,)
     for fig in ["dendrogram.png", "distance_matrix.png", "training.png"]:
         assert (out / fig).stat().st_size > 1000
     # an existing non-empty folder is not overwritten without --force

@@ -235,6 +235,14 @@ def _run(args, X, Y, source: str, teacher, out: _Output, log, extra=None, t_prob
         alignment = [{"layer": 0, **al}]
         bits = metrics.bits_of_precision(teacher, res.network, res.network.input_mask)
     save_network(res.network, out.path("recovered.npz"))
+    # The trained students, so a run can be re-clustered or inspected without retraining.
+    with report.atomic_write(out.path("students.npz")) as f:
+        np.savez(
+            f,
+            **res.training.students.to_arrays(),
+            relative_mse=res.training.relative_mse,
+            held_out_index=res.held_out_index,
+        )
     cl = res.clustering
     mask = res.network.input_mask
     rep = report.build_report(
