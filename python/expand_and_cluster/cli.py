@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Output:
-    """A temporary folder next to ``out``, renamed to ``out`` on success, removed on failure."""
+    """A temporary folder next to ``out``, renamed to ``out`` when the ``with`` block succeeds,
+    removed when it raises (KeyboardInterrupt included)."""
 
     def __init__(self, out: Path, force: bool):
         self.out = out
@@ -180,6 +181,15 @@ class _Output:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> _Output:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
 
 
 def _configs(args):
@@ -356,13 +366,8 @@ def cmd_recover(args, log) -> int:
             source = f"{args.probe}:{args.n_queries}"
         X, Y = probe(teacher, args.n_queries, args.probe, args.seed, inputs=inputs)
     t_probe = time.perf_counter() - t0
-    out = _Output(args.out, args.force)
-    try:
+    with _Output(args.out, args.force) as out:
         rep = _run(args, X, Y, source, teacher, out, log, t_probe=t_probe)
-        out.commit()
-    except BaseException:
-        out.abort()
-        raise
     print(_summary(rep, args.out))
     return 0
 
@@ -371,8 +376,7 @@ def cmd_demo(args, log) -> int:
     from .teacher import biased_noise_augmentation, save_network, save_queries, train_digits_teacher
 
     args.activation = "tanh"
-    out = _Output(args.out, args.force)
-    try:
+    with _Output(args.out, args.force) as out:
         t0 = time.perf_counter()
         log(f"training the teacher 64-{args.teacher_width}-10 (tanh) on scikit-learn's digits")
         teacher, digits, info = train_digits_teacher(width=args.teacher_width, seed=args.seed)
@@ -397,10 +401,6 @@ def cmd_demo(args, log) -> int:
             extra={"teacher_info": info},
             t_probe=t_probe,
         )
-        out.commit()
-    except BaseException:
-        out.abort()
-        raise
     print(_summary(rep, args.out))
     return 0
 
@@ -434,9 +434,6 @@ def main(argv=None) -> int:
     except NoClusterError as e:
         print(f"expand-and-cluster: no cluster survived: {e}", file=sys.stderr)
         return EXIT_NO_CLUSTER
-    except ValueError as e:  # invalid combination of options (e.g. gamma * N < 2)
-        print(f"expand-and-cluster: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("expand-and-cluster: interrupted; no output written", file=sys.stderr)
         return 130

@@ -14,6 +14,7 @@ import torch
 
 from .activations import get_activation
 from .clustering import ClusterConfig, LayerClustering, cluster_layer, input_mask_from_queries
+from .errors import InputError
 from .network import Network
 from .reconstruction import FinetuneResult, finetune, reconstruct_one_hidden_layer
 from .training import (
@@ -126,7 +127,7 @@ def recover(X: np.ndarray, Y: np.ndarray, config: RecoverConfig, log=None) -> Re
     Raises
     ------
     ValueError
-        On bad shapes or non-finite queries, gamma * N < 2.
+        On bad shapes or non-finite queries; InputError (a ValueError) when gamma * N < 2.
     expand_and_cluster.errors.NoClusterError
         When no cluster survives the gamma and beta filters.
     """
@@ -140,7 +141,7 @@ def recover(X: np.ndarray, Y: np.ndarray, config: RecoverConfig, log=None) -> Re
         raise ValueError("X, Y: contain NaN or Inf")
     cfg = config
     if cfg.cluster.gamma * cfg.train.n_students < 2:
-        raise ValueError(
+        raise InputError(
             f"gamma * N = {cfg.cluster.gamma} * {cfg.train.n_students} < 2: a cluster must be "
             "shared by at least 2 students; raise gamma or the number of students"
         )
