@@ -1,4 +1,4 @@
-"""Command line: ``expand-and-cluster recover|demo`` (also ``python -m expand_and_cluster``).
+"""Command line: ``expand-and-cluster recover|demo|bench`` (also ``python -m expand_and_cluster``).
 
 User errors (bad files, bad options) print one line on stderr and exit with code 2, without a
 traceback, and leave no output folder behind: a run writes into a temporary folder next to
@@ -149,6 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--probe-inputs", type=Path, help=".npy inputs to probe --teacher with")
     r.add_argument("--n-queries", type=_positive_int("--n-queries"), default=20000)
     _add_method_options(r)
+
+    b = sub.add_parser(
+        "bench",
+        help="run an identifiability suite of planted teachers (resumable)",
+        description="Run every problem of SUITE not yet in OUT/results.jsonl, then write "
+        "summary.json, summary.md and figures. Suites: benchmarks/suites/*.json.",
+    )
+    b.add_argument("suite", type=Path, help="suite file (.json)")
+    b.add_argument("--out", type=Path, required=True, help="output folder (reused to resume)")
+    b.add_argument(
+        "--jobs",
+        type=_positive_int("--jobs"),
+        default=1,
+        help="problems run in parallel processes (default %(default)s)",
+    )
+    b.add_argument("--quiet", action="store_true")
 
     d = sub.add_parser("demo", help="recover a 64-k-10 tanh teacher trained on sklearn's digits")
     d.add_argument("--teacher-width", type=_positive_int("--teacher-width"), default=16)
@@ -405,6 +421,18 @@ def cmd_demo(args, log) -> int:
     return 0
 
 
+def cmd_bench(args, log) -> int:
+    from .bench import load_suite, run_suite, summarise, summary_markdown
+
+    suite = load_suite(args.suite)
+    rows = run_suite(suite, args.out, jobs=args.jobs, log=log)
+    summary = summarise(rows)
+    summary["suite"] = suite.name
+    print(summary_markdown(summary))
+    print(f"results in {args.out}/")
+    return 0
+
+
 def get_activation_checked(name: str) -> None:
     try:
         get_activation(name)
@@ -427,6 +455,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "recover":
             return cmd_recover(args, log)
+        if args.command == "bench":
+            return cmd_bench(args, log)
         return cmd_demo(args, log)
     except InputError as e:
         print(f"expand-and-cluster: error: {e}", file=sys.stderr)

@@ -1,0 +1,442 @@
+"""Identifiability benchmark suites: many planted teachers of varying difficulty, recovered one by
+one, scored against the known answer (Martinelli et al. 2024, Sec. 4, "ease of identifiability").
+
+Suite file (JSON, ``"format": "expand-and-cluster-suite/1"``)::
+
+    {"format": "expand-and-cluster-suite/1", "name": "small",
+     "settings": {...},            # recover settings shared by all problems (see SuiteSettings)
+     "problems": [{...}, ...],     # explicit problems (see Problem), and/or
+     "generate": {"n": 150, "seed": 0, "axes": {"activation": [...], "d_in": [2, 16], ...}}}
+
+Difficulty axes of a problem (each makes recovery harder in its own way):
+
+- ``activation``: the symmetry class. Sign and scale symmetries make more student configurations
+  equivalent, and even_linear classes leave a linear term to disentangle.
+- ``d_in`` (2-16) and ``width`` (2-16): more teacher parameters to pin down with the same budget.
+- ``distribution``: "gaussian" or "uniform" inputs; bounded inputs excite the tails less.
+- ``queries_per_param``: queries relative to the teacher's parameter count; too few
+  under-determine the teacher.
+- ``min_angle_degrees``: the smallest angle between two teacher neurons; close neurons merge in
+  the students and in the clustering.
+- ``weak_outgoing``: the last teacher neuron's outgoing weights are scaled by this factor; a
+  neuron that barely affects the output is barely constrained by the queries.
+- ``rho``: the expansion factor (student width = rho * teacher width); null runs the expansion
+  search.
+
+Success criterion, fixed up front: the exact width and every teacher neuron within cosine distance
+1e-3 (``success``) or 1e-6 (``success_1e-6``) of a recovered neuron.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from .activations import get_activation
+from .errors import InputError, NoClusterError
+
+SUITE_FORMAT = "expand-and-cluster-suite/1"
+THRESHOLDS = (1e-3, 1e-6)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One planted teacher and how it is probed. See the module docstring for the axes."""
+
+    id: str
+    activation: str = "tanh"
+    d_in: int = 4
+    width: int = 3
+    d_out: int = 1
+    distribution: str = "gaussian"
+    queries_per_param: float = 100.0
+    min_angle_degrees: float = 20.0
+    weak_outgoing: float = 1.0
+    rho: float | None = 2.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        get_activation(self.activation)
+        checks = [
+            ("d_in", self.d_in >= 1),
+            ("width", self.width >= 1),
+            ("d_out", self.d_out >= 1),
+            ("distribution", self.distribution in ("gaussian", "uniform")),
+            ("queries_per_param", self.queries_per_param > 0),
+            ("min_angle_degrees", 0 <= self.min_angle_degrees < 90),
+            ("weak_outgoing", self.weak_outgoing > 0),
+            ("rho", self.rho is None or self.rho >= 1),
+        ]
+        for name, ok in checks:
+            if not ok:
+                raise InputError(f"problem {self.id!r}: invalid {name} = {getattr(self, name)!r}")
+
+    @property
+    def n_params(self) -> int:
+        return self.width * (self.d_in + 1) + self.d_out * (self.width + 1)
+
+    @property
+    def n_queries(self) -> int:
+        return max(20, math.ceil(self.queries_per_param * self.n_params))
+
+
+@dataclass(frozen=True)
+class SuiteSettings:
+    """Recover settings shared by a suite's problems (the CLI's defaults where not given)."""
+
+    students: int = 20
+    gamma: float = 0.5
+    beta_degrees: float = 60.0
+    epochs: int = 300
+    batch_size: int = 512
+    polish_iterations: int = 1500
+    finetune_iterations: int = 3000
+    held_out_fraction: float = 0.1
+
+
+@dataclass
+class Suite:
+    name: str
+    settings: SuiteSettings
+    problems: list[Problem] = field(default_factory=list)
+
+
+def _generate(spec: dict) -> list[Problem]:
+    """Problems drawn at random from the ``axes`` of a ``generate`` block: a list is a set of
+    choices, ``[lo, hi]`` of two numbers under ``ranges`` is an interval (integers for integer
+    fields, log-uniform for ``queries_per_param`` and ``weak_outgoing``)."""
+    n = int(spec.get("n", 0))
+    rng = np.random.default_rng(int(spec.get("seed", 0)))
+    choices = spec.get("choices", {})
+    ranges = spec.get("ranges", {})
+    known = {f.name for f in fields(Problem)}
+    for key in list(choices) + list(ranges):
+        if key not in known or key == "id":
+            raise InputError(f"generate: unknown axis {key!r}; known: {sorted(known - {'id'})}")
+    out = []
+    for i in range(n):
+        kw: dict = {}
+        for key, options in choices.items():
+            kw[key] = options[int(rng.integers(len(options)))]
+        for key, (lo, hi) in ranges.items():
+            if key in ("queries_per_param", "weak_outgoing"):
+                kw[key] = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+            elif isinstance(lo, int) and isinstance(hi, int):
+                kw[key] = int(rng.integers(lo, hi + 1))
+            else:
+                kw[key] = float(rng.uniform(lo, hi))
+        kw.setdefault("seed", int(rng.integers(2**31)))
+        out.append(Problem(id=f"{spec.get('prefix', 'gen')}-{i:04d}", **kw))
+    return out
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Read and validate a suite file.
+
+    Raises
+    ------
+    InputError
+        Missing file, invalid JSON, wrong format tag, unknown keys, invalid values, duplicate ids.
+    """
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"suite: {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"suite: {path} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict) or raw.get("format") != SUITE_FORMAT:
+        raise InputError(f'suite: {path} must be a JSON object with "format": "{SUITE_FORMAT}"')
+    known_settings = {f.name for f in fields(SuiteSettings)}
+    settings = raw.get("settings", {})
+    unknown = set(settings) - known_settings
+    if unknown:
+        raise InputError(
+            f"suite: unknown settings {sorted(unknown)}; known: {sorted(known_settings)}"
+        )
+    known_problem = {f.name for f in fields(Problem)}
+    problems = []
+    for i, p in enumerate(raw.get("problems", [])):
+        bad = set(p) - known_problem
+        if bad or "id" not in p:
+            raise InputError(f"suite: problem {i}: needs an id; unknown keys {sorted(bad)}")
+        problems.append(Problem(**p))
+    if "generate" in raw:
+        problems += _generate(raw["generate"])
+    ids = [p.id for p in problems]
+    if len(set(ids)) != len(ids):
+        raise InputError("suite: problem ids must be unique")
+    if not problems:
+        raise InputError(f"suite: {path} defines no problems")
+    return Suite(str(raw.get("name", path.stem)), SuiteSettings(**settings), problems)
+
+
+def run_problem(problem: Problem, settings: SuiteSettings) -> dict:
+    """Plant, probe, recover and score one problem; returns its result row."""
+    from . import metrics
+    from .clustering import ClusterConfig
+    from .recover import RecoverConfig, recover
+    from .teacher import planted_teacher, probe
+    from .training import TrainConfig
+
+    t0 = time.perf_counter()
+    teacher = planted_teacher(
+        problem.d_in,
+        [problem.width],
+        problem.d_out,
+        problem.activation,
+        seed=problem.seed,
+        min_angle_degrees=problem.min_angle_degrees,
+    )
+    teacher.weights[1][:, -1] *= problem.weak_outgoing
+    X, Y = probe(teacher, problem.n_queries, problem.distribution, seed=problem.seed)
+    width = None if problem.rho is None else max(1, math.ceil(problem.rho * problem.width))
+    cfg = RecoverConfig(
+        activation=problem.activation,
+        width=width,
+        cluster=ClusterConfig(gamma=settings.gamma, beta_degrees=settings.beta_degrees),
+        train=TrainConfig(
+            n_students=settings.students,
+            batch_size=settings.batch_size,
+            max_epochs=settings.epochs,
+            polish_iterations=settings.polish_iterations,
+            patience=max(10, settings.epochs // 10),
+            cooldown=max(5, settings.epochs // 20),
+            seed=problem.seed,
+            progress=False,
+        ),
+        held_out_fraction=settings.held_out_fraction,
+        finetune_iterations=settings.finetune_iterations,
+    )
+    row = {**asdict(problem), "n_queries": problem.n_queries, "n_params": problem.n_params}
+    try:
+        res = recover(X, Y, cfg)
+    except NoClusterError as e:
+        return {
+            **row,
+            "status": "no_cluster",
+            "message": str(e),
+            "recovered_width": 0,
+            "student_width": width,
+            "success": False,
+            "success_1e-6": False,
+            "max_distance": 1.0,
+            "median_distance": 1.0,
+            "held_out_relative_mse": None,
+            "seconds": time.perf_counter() - t0,
+        }
+    al = metrics.alignment(
+        teacher.incoming(0), res.network.incoming(0), problem.activation, res.network.input_mask
+    )
+    exact = res.network.hidden_sizes == [problem.width]
+    row.update(
+        status="ok",
+        student_width=res.student_width,
+        recovered_width=res.network.hidden_sizes[0],
+        max_distance=al["max"],
+        median_distance=al["median"],
+        held_out_relative_mse=res.relative_mse["held_out"],
+        student_median_relative_mse=float(np.median(res.training.relative_mse)),
+        dropped_clusters=len(res.clustering.dropped),
+        seconds=time.perf_counter() - t0,
+    )
+    row["success"] = bool(exact and al["max"] < THRESHOLDS[0])
+    row["success_1e-6"] = bool(exact and al["max"] < THRESHOLDS[1])
+    return row
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by an interruption: that problem reruns
+                continue
+    return rows
+
+
+def run_suite(suite: Suite, out: Path, jobs: int = 1, log=None) -> list[dict]:
+    """Run every problem not yet in ``out/results.jsonl`` (so an interrupted run resumes), append
+    one JSON row per problem as it finishes, then write ``summary.json``, ``summary.md`` and the
+    figures. ``jobs`` > 1 runs problems in that many processes (each with one kernel thread)."""
+    from .report import write_json_atomic
+
+    say = log or (lambda s: None)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    done = {r["id"] for r in _read_rows(results)}
+    todo = [p for p in suite.problems if p.id not in done]
+    say(f"suite {suite.name}: {len(suite.problems)} problems, {len(done)} done, {len(todo)} to run")
+    t0 = time.perf_counter()
+
+    def record(row: dict) -> None:
+        with open(results, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+        say(
+            f"{row['id']}: {row['activation']} d_in {row['d_in']} width {row['width']} -> "
+            f"{row.get('recovered_width')} ({'ok' if row['success'] else 'fail'}, "
+            f"max distance {row['max_distance']:.1e}, {row['seconds']:.1f} s)"
+        )
+
+    if jobs > 1 and len(todo) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=jobs, initializer=_single_thread) as pool:
+            futures = [pool.submit(run_problem, p, suite.settings) for p in todo]
+            for fut in futures:
+                record(fut.result())
+    else:
+        for p in todo:
+            record(run_problem(p, suite.settings))
+    rows = [r for r in _read_rows(results) if r["id"] in {p.id for p in suite.problems}]
+    summary = summarise(rows)
+    summary.update(
+        suite=suite.name, wall_s_this_run=time.perf_counter() - t0, settings=asdict(suite.settings)
+    )
+    write_json_atomic(out / "summary.json", summary)
+    (out / "summary.md").write_text(summary_markdown(summary))
+    plot_suite(rows, out)
+    return rows
+
+
+def _single_thread() -> None:
+    import torch
+
+    from . import ops
+
+    torch.set_num_threads(1)
+    ops.set_num_threads(1)
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Success rates overall, per activation and per rho; median and total time."""
+
+    def rate(sub, key="success"):
+        return float(np.mean([r[key] for r in sub])) if sub else None
+
+    by_act: dict = {}
+    for r in rows:
+        by_act.setdefault(r["activation"], []).append(r)
+    by_rho: dict = {}
+    for r in rows:
+        by_rho.setdefault(str(r["rho"]), []).append(r)
+    return {
+        "problems": len(rows),
+        "success_rate": rate(rows),
+        "success_rate_1e-6": rate(rows, "success_1e-6"),
+        "per_activation": {
+            a: {
+                "problems": len(s),
+                "success_rate": rate(s),
+                "success_rate_1e-6": rate(s, "success_1e-6"),
+            }
+            for a, s in sorted(by_act.items())
+        },
+        "per_rho": {k: {"problems": len(s), "success_rate": rate(s)} for k, s in by_rho.items()},
+        "failures": {
+            "wrong_width": sum(1 for r in rows if r.get("recovered_width") != r["width"]),
+            "no_cluster": sum(1 for r in rows if r.get("status") == "no_cluster"),
+            "imprecise": sum(
+                1 for r in rows if r.get("recovered_width") == r["width"] and not r["success"]
+            ),
+        },
+        "median_seconds": float(np.median([r["seconds"] for r in rows])) if rows else None,
+        "total_seconds": float(sum(r["seconds"] for r in rows)),
+    }
+
+
+def summary_markdown(summary: dict) -> str:
+    lines = [
+        f"# Suite {summary.get('suite', '')}: {summary['problems']} problems",
+        "",
+        f"Success (exact width, every teacher neuron within 1e-3): "
+        f"{summary['success_rate']:.0%}; within 1e-6: {summary['success_rate_1e-6']:.0%}. "
+        f"Median time per problem {summary['median_seconds']:.1f} s, total "
+        f"{summary['total_seconds']:.0f} s.",
+        "",
+        "| activation | problems | success (1e-3) | success (1e-6) |",
+        "|---|---|---|---|",
+    ]
+    for a, s in summary["per_activation"].items():
+        lines.append(
+            f"| {a} | {s['problems']} | {s['success_rate']:.0%} | {s['success_rate_1e-6']:.0%} |"
+        )
+    f = summary["failures"]
+    lines += [
+        "",
+        f"Failures: wrong width {f['wrong_width']} (of which no cluster "
+        f"{f['no_cluster']}), exact width but a neuron further than 1e-3 "
+        f"{f['imprecise']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_suite(rows: list[dict], out: Path) -> list[Path]:
+    """Figures: success rate against rho per activation, against each difficulty axis, and the
+    time per problem. Returns the paths written."""
+    from .report import _new_figure, _save_figure
+
+    written = []
+    acts = sorted({r["activation"] for r in rows})
+    fig = _new_figure(figsize=(5, 3.5))
+    ax = fig.add_subplot()
+    for a in acts:
+        sub = [r for r in rows if r["activation"] == a and r["rho"] is not None]
+        rhos = sorted({r["rho"] for r in sub})
+        if rhos:
+            ax.plot(
+                rhos,
+                [np.mean([r["success"] for r in sub if r["rho"] == q]) for q in rhos],
+                marker="o",
+                label=a,
+            )
+    ax.set_xlabel("expansion factor rho")
+    ax.set_ylabel("success rate")
+    ax.set_ylim(-0.05, 1.05)
+    if acts:
+        ax.legend(fontsize=8)
+    written.append(_save_figure(fig, out / "success_vs_rho.png"))
+
+    axes = ["d_in", "width", "queries_per_param", "min_angle_degrees", "weak_outgoing"]
+    fig = _new_figure(figsize=(3 * len(axes), 3))
+    axs = fig.subplots(1, len(axes), sharey=True)
+    ok = np.array([r["success"] for r in rows], dtype=float)
+    for ax, key in zip(axs, axes):
+        vals = np.array([r[key] for r in rows], dtype=float)
+        # success rate per bin of the axis (at most 5 bins of roughly equal counts)
+        edges = np.unique(np.quantile(vals, np.linspace(0, 1, 6))) if len(vals) else []
+        if len(edges) >= 2:
+            idx = np.clip(np.searchsorted(edges, vals, side="right") - 1, 0, len(edges) - 2)
+            centres = [vals[idx == i].mean() for i in range(len(edges) - 1) if (idx == i).any()]
+            rates = [ok[idx == i].mean() for i in range(len(edges) - 1) if (idx == i).any()]
+            counts = [int((idx == i).sum()) for i in range(len(edges) - 1) if (idx == i).any()]
+        else:
+            centres, rates, counts = list(vals[:1]), list(ok[:1]), [len(vals)]
+        ax.plot(centres, rates, marker="o")
+        for c, r_, n in zip(centres, rates, counts):
+            ax.annotate(str(n), (c, r_), textcoords="offset points", xytext=(0, 5), fontsize=7)
+        if key in ("queries_per_param", "weak_outgoing") and len(vals) and (vals > 0).all():
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylim(-0.05, 1.1)
+    axs[0].set_ylabel("success rate (problems per bin)")
+    written.append(_save_figure(fig, out / "success_vs_axes.png"))
+
+    fig = _new_figure(figsize=(5, 3.5))
+    ax = fig.add_subplot()
+    ax.hist([r["seconds"] for r in rows], bins=20)
+    ax.set_xlabel("seconds per problem")
+    ax.set_ylabel("problems")
+    written.append(_save_figure(fig, out / "time_per_problem.png"))
+    return written
