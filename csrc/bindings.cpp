@@ -25,17 +25,21 @@ DType to_dtype(int code) {
   return static_cast<DType>(code);
 }
 
-void require_cpu(int device, const char* op) {
-  if (device >= 0) {
+// True when the op runs on the CUDA device `device` (>= 0); throws when this build has no CUDA
+// backend. device < 0 means the CPU.
+bool on_cuda(int device, const char* op) {
+  if (device < 0) return false;
 #ifdef EAC_WITH_CUDA
-    throw std::invalid_argument(std::string(op) + ": the CUDA path is not wired in this build");
+  return true;
 #else
-    throw std::invalid_argument(std::string(op) +
-                                ": not compiled with CUDA support; move the tensors to the CPU or "
-                                "rebuild with a CUDA compiler on the PATH");
+  throw std::invalid_argument(std::string(op) +
+                              ": not compiled with CUDA support; move the tensors to the CPU or "
+                              "rebuild with a CUDA compiler on the PATH");
 #endif
-  }
 }
+
+void* as_stream(int64_t s) { return reinterpret_cast<void*>(static_cast<uintptr_t>(s)); }
+void* as_workspace(int64_t p) { return reinterpret_cast<void*>(static_cast<uintptr_t>(p)); }
 
 const void* as_ptr(int64_t p, const char* name) {
   if (p == 0) throw std::invalid_argument(std::string(name) + " is a null pointer");
@@ -82,19 +86,48 @@ eac::MlpParams make_mlp_params(const std::vector<int64_t>& w, const std::vector<
 
 void mlp_forward(const std::vector<int64_t>& w, const std::vector<int64_t>& b,
                  const std::vector<int64_t>& widths, int64_t n_students, int64_t batch, int64_t x,
-                 int64_t out, int activation, int dtype, int device) {
-  require_cpu(device, "mlp_forward");
+                 int64_t out, int activation, int dtype, int device, int64_t stream,
+                 int64_t workspace, int64_t workspace_bytes) {
+  const bool cuda = on_cuda(device, "mlp_forward");
   eac::MlpParams p = make_mlp_params(w, b, widths, n_students, batch, x, activation, dtype);
   if (batch == 0) return;
   p.out = const_cast<void*>(as_ptr(out, "out"));
+  p.device = device;
+#ifdef EAC_WITH_CUDA
+  if (cuda) {
+    eac::mlp_forward_cuda(p, as_workspace(workspace), size_t(workspace_bytes), as_stream(stream));
+    return;
+  }
+#endif
+  (void)cuda, (void)stream, (void)workspace, (void)workspace_bytes;
   eac::mlp_forward_cpu(p);
+}
+
+// Bytes of device workspace mlp_forward (grad false) or mlp_mse_grad (grad true) needs on CUDA.
+int64_t mlp_workspace_bytes(const std::vector<int64_t>& widths, int64_t n_students, int64_t batch,
+                            int activation, int dtype, int device, bool grad) {
+  on_cuda(device, "mlp_workspace_bytes");
+  if (device < 0) return 0;
+  // Shapes only: placeholder pointers (never dereferenced) satisfy make_mlp_params' checks.
+  const size_t n_linear = widths.empty() ? 0 : widths.size() - 1;
+  const std::vector<int64_t> dummy(n_linear, 1);
+  eac::MlpParams p = make_mlp_params(dummy, dummy, widths, n_students, batch, 1, activation, dtype);
+  p.device = device;
+#ifdef EAC_WITH_CUDA
+  return int64_t(grad ? eac::mlp_mse_grad_cuda_workspace_bytes(p)
+                      : eac::mlp_forward_cuda_workspace_bytes(p));
+#else
+  (void)grad;
+  return 0;
+#endif
 }
 
 void mlp_mse_grad(const std::vector<int64_t>& w, const std::vector<int64_t>& b,
                   const std::vector<int64_t>& widths, int64_t n_students, int64_t batch,
                   int64_t x, int64_t y, int64_t loss, const std::vector<int64_t>& gw,
-                  const std::vector<int64_t>& gb, int activation, int dtype, int device) {
-  require_cpu(device, "mlp_mse_grad");
+                  const std::vector<int64_t>& gb, int activation, int dtype, int device,
+                  int64_t stream, int64_t workspace, int64_t workspace_bytes) {
+  const bool cuda = on_cuda(device, "mlp_mse_grad");
   eac::MlpParams p = make_mlp_params(w, b, widths, n_students, batch, x, activation, dtype);
   if (batch < 1) throw std::invalid_argument("mlp_mse_grad: the batch must hold at least 1 query");
   if (gw.size() != w.size() || gb.size() != b.size())
@@ -105,6 +138,15 @@ void mlp_mse_grad(const std::vector<int64_t>& w, const std::vector<int64_t>& b,
     p.gw[l] = const_cast<void*>(as_ptr(gw[l], "grad_weights[l]"));
     p.gb[l] = const_cast<void*>(as_ptr(gb[l], "grad_biases[l]"));
   }
+  p.device = device;
+#ifdef EAC_WITH_CUDA
+  if (cuda) {
+    eac::mlp_mse_grad_cuda(p, as_workspace(workspace), size_t(workspace_bytes),
+                           as_stream(stream));
+    return;
+  }
+#endif
+  (void)cuda, (void)stream, (void)workspace, (void)workspace_bytes;
   eac::mlp_mse_grad_cpu(p);
 }
 
@@ -112,8 +154,8 @@ void adam_step(const std::vector<int64_t>& params, const std::vector<int64_t>& g
                const std::vector<int64_t>& exp_avg, const std::vector<int64_t>& exp_avg_sq,
                const std::vector<int64_t>& numel_per_student, int64_t n_students, int64_t lr,
                int64_t step, double beta1, double beta2, double eps, double weight_decay,
-               int dtype, int device) {
-  require_cpu(device, "adam_step");
+               int dtype, int device, int64_t stream) {
+  const bool cuda = on_cuda(device, "adam_step");
   const size_t k = params.size();
   if (grads.size() != k || exp_avg.size() != k || exp_avg_sq.size() != k ||
       numel_per_student.size() != k)
@@ -144,14 +186,33 @@ void adam_step(const std::vector<int64_t>& params, const std::vector<int64_t>& g
   a.beta2 = beta2;
   a.eps = eps;
   a.weight_decay = weight_decay;
-  if (k > 0) eac::adam_step_cpu(a);
+  a.device = device;
+  if (k == 0) return;
+#ifdef EAC_WITH_CUDA
+  if (cuda) {
+    eac::adam_step_cuda(a, as_stream(stream));
+    return;
+  }
+#endif
+  (void)cuda, (void)stream;
+  eac::adam_step_cpu(a);
 }
 
 void cosine_distances(int64_t v, int64_t m, int64_t d, int dtype, bool absolute, int64_t out,
-                      int device) {
-  require_cpu(device, "cosine_distances");
+                      int device, int64_t stream, int64_t workspace) {
+  const bool cuda = on_cuda(device, "cosine_distances");
   if (m < 0 || d < 1) throw std::invalid_argument("cosine_distances: need M >= 0 and D >= 1");
   if (m == 0) return;
+#ifdef EAC_WITH_CUDA
+  if (cuda) {  // workspace: 2 * m doubles on the device
+    eac::cosine_distances_cuda(as_ptr(v, "v"), m, d, to_dtype(dtype), absolute,
+                               static_cast<double*>(const_cast<void*>(as_ptr(out, "out"))),
+                               const_cast<void*>(as_ptr(workspace, "workspace")), device,
+                               as_stream(stream));
+    return;
+  }
+#endif
+  (void)cuda, (void)stream, (void)workspace;
   eac::cosine_distances_cpu(as_ptr(v, "v"), m, d, to_dtype(dtype), absolute,
                             static_cast<double*>(const_cast<void*>(as_ptr(out, "out"))));
 }
@@ -188,10 +249,27 @@ PYBIND11_MODULE(_C, m) {
   m.attr("openmp") = false;
 #endif
   auto nogil = py::call_guard<py::gil_scoped_release>();
-  m.def("mlp_forward", &mlp_forward, nogil);
-  m.def("mlp_mse_grad", &mlp_mse_grad, nogil);
-  m.def("adam_step", &adam_step, nogil);
-  m.def("cosine_distances", &cosine_distances, nogil);
+  // stream: a cudaStream_t as an integer (torch's .cuda_stream); workspace: a device pointer.
+  // Both are ignored on the CPU (device < 0).
+  m.def("mlp_forward", &mlp_forward, nogil, py::arg("w"), py::arg("b"), py::arg("widths"),
+        py::arg("n_students"), py::arg("batch"), py::arg("x"), py::arg("out"),
+        py::arg("activation"), py::arg("dtype"), py::arg("device"), py::arg("stream") = 0,
+        py::arg("workspace") = 0, py::arg("workspace_bytes") = 0);
+  m.def("mlp_mse_grad", &mlp_mse_grad, nogil, py::arg("w"), py::arg("b"), py::arg("widths"),
+        py::arg("n_students"), py::arg("batch"), py::arg("x"), py::arg("y"), py::arg("loss"),
+        py::arg("gw"), py::arg("gb"), py::arg("activation"), py::arg("dtype"),
+        py::arg("device"), py::arg("stream") = 0, py::arg("workspace") = 0,
+        py::arg("workspace_bytes") = 0);
+  m.def("mlp_workspace_bytes", &mlp_workspace_bytes, nogil, py::arg("widths"),
+        py::arg("n_students"), py::arg("batch"), py::arg("activation"), py::arg("dtype"),
+        py::arg("device"), py::arg("grad"));
+  m.def("adam_step", &adam_step, nogil, py::arg("params"), py::arg("grads"), py::arg("exp_avg"),
+        py::arg("exp_avg_sq"), py::arg("numel_per_student"), py::arg("n_students"),
+        py::arg("lr"), py::arg("step"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+        py::arg("weight_decay"), py::arg("dtype"), py::arg("device"), py::arg("stream") = 0);
+  m.def("cosine_distances", &cosine_distances, nogil, py::arg("v"), py::arg("m"), py::arg("d"),
+        py::arg("dtype"), py::arg("absolute"), py::arg("out"), py::arg("device"),
+        py::arg("stream") = 0, py::arg("workspace") = 0);
   m.def("average_linkage", &average_linkage, nogil);
   m.def("backends", &backends);
   m.def("num_threads", &num_threads);

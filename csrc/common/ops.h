@@ -2,6 +2,7 @@
 // Kernels never see torch objects: raw pointers, sizes and a dtype. bindings.cpp validates and
 // fills these structs; it is the only place that branches on the device.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 namespace eac {
@@ -26,6 +27,7 @@ struct MlpParams {
   int widths[kMaxLinearLayers + 1] = {};
   int activation = 0;
   DType dtype = DType::F32;
+  int device = -1;  // CUDA device index of every pointer (CUDA entry points only)
   const void* w[kMaxLinearLayers] = {};
   const void* b[kMaxLinearLayers] = {};
   const void* x = nullptr;  // [B, d_in]
@@ -38,6 +40,16 @@ struct MlpParams {
 
 void mlp_forward_cpu(const MlpParams& p);
 void mlp_mse_grad_cpu(const MlpParams& p);
+
+// CUDA entry points (csrc/cuda; compiled only with EAC_WITH_CUDA). Pointers are device pointers
+// on p.device; `stream` is a cudaStream_t (the caller's torch stream), kept as void* so this header
+// needs no CUDA include. Work is enqueued on the stream and not waited for. `workspace` is scratch
+// device memory of at least the bytes the matching *_workspace_bytes(p) returns (which reads
+// p.device, the shapes and the dtype only). Errors throw std::runtime_error with CUDA's message.
+size_t mlp_forward_cuda_workspace_bytes(const MlpParams& p);
+void mlp_forward_cuda(const MlpParams& p, void* workspace, size_t workspace_bytes, void* stream);
+size_t mlp_mse_grad_cuda_workspace_bytes(const MlpParams& p);
+void mlp_mse_grad_cuda(const MlpParams& p, void* workspace, size_t workspace_bytes, void* stream);
 
 // Adam (torch.optim.Adam's formula) on a list of tensors, each [N, numel_per_student[k]].
 // lr: [N] (dtype of the parameters), step: [N] int64, the step number after this update (>= 1).
@@ -53,13 +65,20 @@ struct AdamParams {
   const void* lr = nullptr;
   const int64_t* step = nullptr;
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
+  int device = -1;  // CUDA only: the device of every pointer except numel_per_student and the
+                    // pointer arrays themselves, which stay on the host
 };
 void adam_step_cpu(const AdamParams& p);
+// CUDA: lr and step are device arrays [N]; one elementwise launch per tensor on `stream`.
+void adam_step_cuda(const AdamParams& p, void* stream);
 
 // Cosine distances between the rows of v [M, D] (float32 or float64), written as float64 [M, M]:
 // 1 - cos, or 1 - |cos| when absolute. A zero row has distance 1 to everything (0 to itself).
 void cosine_distances_cpu(const void* v, int64_t m, int64_t d, DType dtype, bool absolute,
                           double* out);
+// CUDA: v and out on `device`; workspace holds 2 * m doubles (per-row scale and inverse norm).
+void cosine_distances_cuda(const void* v, int64_t m, int64_t d, DType dtype, bool absolute,
+                           double* out, void* workspace, int device, void* stream);
 
 // UPGMA (average linkage) on a symmetric float64 distance matrix [M, M], destroyed in the process.
 // Writes the linkage matrix z [M - 1, 4] in scipy.cluster.hierarchy's format (merged ids, height,

@@ -75,6 +75,23 @@ def _device_code(t: torch.Tensor) -> int:
     return -1 if t.device.type == "cpu" else int(t.device.index or 0)
 
 
+def _stream(t: torch.Tensor) -> int:
+    """The caller's current CUDA stream on ``t``'s device as an integer handle (0 on the CPU).
+
+    The kernels are enqueued on it, so they order with the caller's torch work without a sync."""
+    if t.device.type != "cuda":
+        return 0
+    return int(torch.cuda.current_stream(t.device).cuda_stream)
+
+
+def _workspace(nbytes: int, device: torch.device) -> tuple[torch.Tensor | None, int]:
+    """Scratch device memory from torch's caching allocator: (tensor to keep alive, pointer)."""
+    if nbytes <= 0:
+        return None, 0
+    buf = torch.empty(int(nbytes), dtype=torch.uint8, device=device)
+    return buf, buf.data_ptr()
+
+
 def _check_tensor(t, name: str, ndim: int, dtype=None, device=None) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -238,6 +255,12 @@ def mlp_forward(
         with torch.no_grad():
             return _forward_torch(weights, biases, x, act)[0][-1].contiguous()
     out = torch.empty((n, x.shape[0], widths[-1]), dtype=dtype, device=device)
+    ws, ws_ptr, ws_bytes = None, 0, 0
+    if device.type == "cuda" and x.shape[0] > 0:
+        ws_bytes = _lib().mlp_workspace_bytes(
+            widths, n, int(x.shape[0]), act.code, _DTYPE_CODES[dtype], _device_code(x), False
+        )
+        ws, ws_ptr = _workspace(ws_bytes, device)
     _lib().mlp_forward(
         [w.data_ptr() for w in weights],
         [b.data_ptr() for b in biases],
@@ -249,7 +272,11 @@ def mlp_forward(
         act.code,
         _DTYPE_CODES[dtype],
         _device_code(x),
+        _stream(x),
+        ws_ptr,
+        ws_bytes,
     )
+    del ws  # back to torch's allocator; stream-ordered, so the kernel's use stays safe
     return out
 
 
@@ -321,6 +348,12 @@ def mlp_mse_grad(
     if uses_torch_path(widths, device):
         _mlp_mse_grad_torch(weights, biases, x, y, act, gw, gb, loss)
         return loss, gw, gb
+    ws, ws_ptr, ws_bytes = None, 0, 0
+    if device.type == "cuda":
+        ws_bytes = _lib().mlp_workspace_bytes(
+            widths, n, int(x.shape[0]), act.code, _DTYPE_CODES[dtype], _device_code(x), True
+        )
+        ws, ws_ptr = _workspace(ws_bytes, device)
     _lib().mlp_mse_grad(
         [w.data_ptr() for w in weights],
         [b.data_ptr() for b in biases],
@@ -335,7 +368,11 @@ def mlp_mse_grad(
         act.code,
         _DTYPE_CODES[dtype],
         _device_code(x),
+        _stream(x),
+        ws_ptr,
+        ws_bytes,
     )
+    del ws  # back to torch's allocator; stream-ordered, so the kernel's use stays safe
     return loss, gw, gb
 
 
@@ -463,6 +500,7 @@ def adam_step(
         0.0,
         _DTYPE_CODES[dtype],
         _device_code(lr),
+        _stream(lr),
     )
 
 
@@ -472,7 +510,7 @@ def adam_step_reference(
     """Pure-torch twin of :func:`adam_step` (in place)."""
     n = lr.shape[0]
     if not isinstance(step, torch.Tensor):
-        step = torch.full((n,), int(step), dtype=torch.int64)
+        step = torch.full((n,), int(step), dtype=torch.int64, device=lr.device)
     t = step.to(lr.dtype)
     bc1 = 1 - beta1**t
     bc2 = 1 - beta2**t
@@ -516,6 +554,9 @@ def cosine_distances(v: torch.Tensor, absolute: bool = False) -> torch.Tensor:
     _check_finite(v, "v")
     m = int(v.shape[0])
     out = torch.empty((m, m), dtype=torch.float64, device=v.device)
+    ws, ws_ptr = None, 0
+    if v.device.type == "cuda":  # per-row scale and inverse norm: 2 * M doubles
+        ws, ws_ptr = _workspace(2 * m * 8, v.device)
     _lib().cosine_distances(
         v.data_ptr(),
         m,
@@ -524,7 +565,10 @@ def cosine_distances(v: torch.Tensor, absolute: bool = False) -> torch.Tensor:
         bool(absolute),
         out.data_ptr(),
         _device_code(v),
+        _stream(v),
+        ws_ptr,
     )
+    del ws
     return out
 
 

@@ -1,0 +1,186 @@
+"""One full training step (loss, gradients, Adam) of N students on the GPU: ours against the
+baselines of DESIGN.md (einsum, bmm, vmap, each with autograd and torch.optim.Adam), plus
+cosine_distances against a torch matmul of the normalised matrix. Prints one table and writes
+JSON (GPU name, torch version, times) to the path given as the first argument (default
+bench_gpu.json). Run on a GPU machine: ``python benchmarks/bench_gpu.py out.json``.
+
+Every implementation is checked against the reference gradients before it is timed; timings use
+CUDA events after warm-up, with torch.cuda.synchronize around each measurement. float32 throughout,
+TF32 off (torch's default for matmul), so all rows do the same float32 arithmetic.
+"""
+
+import json
+import sys
+
+import torch
+
+from expand_and_cluster import ops
+
+# name: (d_in, width, d_out, N, B), DESIGN.md / issue 3 sizes
+SIZES = {
+    "toy-10-80-1-N20-B10000": (10, 80, 1, 20, 10000),
+    "toy-2-20-1-N20-B10000": (2, 20, 1, 20, 10000),
+    "digits-64-64-10-N20-B512": (64, 64, 10, 20, 512),
+    "digits-64-64-10-N20-B5391": (64, 64, 10, 20, 5391),
+    "mnist-784-256-10-N20-B512": (784, 256, 10, 20, 512),
+}
+WARMUP, REPEAT = 10, 50
+
+
+def _problem(size, dev):
+    d_in, w, d_out, n, b = SIZES[size]
+    g = torch.Generator().manual_seed(0)
+    widths = [d_in, w, d_out]
+    ws = [torch.randn(n, widths[l + 1], widths[l], generator=g) / widths[l] ** 0.5 for l in (0, 1)]
+    bs = [torch.zeros(n, widths[l + 1]) for l in (0, 1)]
+    x = torch.randn(b, d_in, generator=g)
+    y = torch.randn(b, d_out, generator=g)
+    return [t.to(dev) for t in ws], [t.to(dev) for t in bs], x.to(dev), y.to(dev)
+
+
+def _loss_einsum(ws, bs, x, y):
+    h = torch.tanh(torch.einsum("bi,noi->nbo", x, ws[0]) + bs[0][:, None, :])
+    out = torch.einsum("nbi,noi->nbo", h, ws[1]) + bs[1][:, None, :]
+    return ((out - y) ** 2).mean(dim=(1, 2))
+
+
+def _loss_bmm(ws, bs, x, y):
+    xb = x.expand(ws[0].shape[0], *x.shape)
+    h = torch.tanh(torch.baddbmm(bs[0][:, None, :], xb, ws[0].transpose(1, 2)))
+    out = torch.baddbmm(bs[1][:, None, :], h, ws[1].transpose(1, 2))
+    return ((out - y) ** 2).mean(dim=(1, 2))
+
+
+def _one(w0, b0, w1, b1, x, y):
+    out = torch.tanh(x @ w0.T + b0) @ w1.T + b1
+    return ((out - y) ** 2).mean()
+
+
+_vmapped = torch.func.vmap(_one, in_dims=(0, 0, 0, 0, None, None))
+
+
+def _loss_vmap(ws, bs, x, y):
+    return _vmapped(ws[0], bs[0], ws[1], bs[1], x, y)
+
+
+def _torch_step(loss_fn):
+    def make(ws, bs, x, y):
+        params = [t.clone().requires_grad_(True) for t in ws + bs]
+        opt = torch.optim.Adam(params, lr=1e-3)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(params[:2], params[2:], x, y)
+            loss.sum().backward()
+            opt.step()
+            return loss
+
+        return step, params
+
+    return make
+
+
+def _ours(ws, bs, x, y):
+    n = ws[0].shape[0]
+    params = [t.clone() for t in ws + bs]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    lr = torch.full((n,), 1e-3, device=x.device)
+    step_t = torch.zeros(n, dtype=torch.int64, device=x.device)
+    gw = [torch.empty_like(w) for w in ws]
+    gb = [torch.empty_like(b) for b in bs]
+    loss = torch.empty(n, device=x.device)
+
+    def step():
+        step_t.add_(1)
+        ops.mlp_mse_grad(
+            params[:2],
+            params[2:],
+            x,
+            y,
+            "tanh",
+            out_grad_weights=gw,
+            out_grad_biases=gb,
+            out_loss=loss,
+            check_finite=False,
+        )
+        # no host sync per step: step is a device tensor (ops.adam_step still validates lr/step)
+        ops.adam_step(params, gw + gb, m, v, step_t, lr)
+        return loss
+
+    return step, params
+
+
+IMPLS = {
+    "ours": _ours,
+    "einsum": _torch_step(_loss_einsum),
+    "bmm": _torch_step(_loss_bmm),
+    "vmap": _torch_step(_loss_vmap),
+}
+
+
+def _time(fn):
+    for _ in range(WARMUP):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(REPEAT):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / REPEAT  # ms
+
+
+def _check(size, dev):
+    ws, bs, x, y = _problem(size, dev)
+    loss, gw, gb = ops.mlp_mse_grad(ws, bs, x, y, "tanh")
+    rloss, rgw, rgb = ops.mlp_mse_grad_reference(ws, bs, x, y, "tanh")
+    for a, r in zip([loss] + gw + gb, [rloss] + rgw + rgb):
+        err = float((a - r).norm() / r.norm().clamp_min(1e-30))
+        assert err < 1e-4, f"{size}: ours disagrees with autograd (rel. error {err:.2e})"
+
+
+def main(path="bench_gpu.json"):
+    dev = torch.device("cuda")
+    rows, results = [], {"gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__}
+    for size in SIZES:
+        _check(size, dev)
+        times = {}
+        for name, make in IMPLS.items():
+            ws, bs, x, y = _problem(size, dev)
+            step, _ = make(ws, bs, x, y)
+            times[name] = _time(step)
+        fastest = min(t for k, t in times.items() if k != "ours")
+        rows.append((size, times, times["einsum"] / times["ours"], fastest / times["ours"]))
+        results[size] = times
+    # cosine distances, M = 20,000, D = 785 (float32 input, float64 output)
+    v = torch.randn(20000, 785, device=dev)
+    d = ops.cosine_distances(v)
+    ref = ops.cosine_distances_reference(v)
+    assert float((d - ref).abs().max()) < 1e-10
+    u = v.double() / v.double().norm(dim=1, keepdim=True)
+    t_ours = _time(lambda: ops.cosine_distances(v))
+    t_mm = _time(lambda: u @ u.T)
+    results["cosine-M20000-D785"] = {"ours": t_ours, "matmul_f64": t_mm}
+    print(f"GPU: {results['gpu']}  torch {results['torch']}  (ms per call, float32)")
+    print(
+        f"{'size':32s} {'ours':>8s} {'einsum':>8s} {'bmm':>8s} {'vmap':>8s} "
+        f"{'einsum/ours':>12s} {'best/ours':>10s}"
+    )
+    for size, t, r1, r2 in rows:
+        print(
+            f"{size:32s} {t['ours']:8.3f} {t['einsum']:8.3f} {t['bmm']:8.3f} {t['vmap']:8.3f} "
+            f"{r1:12.1f} {r2:10.1f}"
+        )
+    print(
+        f"{'cosine M=20000 D=785':32s} {t_ours:8.3f}   torch f64 matmul {t_mm:8.3f}   "
+        f"ratio {t_ours / t_mm:.2f}"
+    )
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:2])

@@ -1,0 +1,165 @@
+"""CUDA kernels against the CPU kernels and the pure-torch references (issue 3).
+
+The GPU tests skip where torch sees no GPU or the extension was built without CUDA; the backend
+tests at the end run everywhere.
+"""
+
+import pytest
+import torch
+
+import expand_and_cluster
+from expand_and_cluster import ops
+from expand_and_cluster.activations import ACTIVATIONS
+from tests.conftest import DTYPES, RTOL
+from tests.test_ops import ensemble, rel
+
+HAS_CUDA = "cuda" in expand_and_cluster.backends() and torch.cuda.is_available()
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA build and a GPU")
+
+# Depth 1-3, N = 1, B = 1, widths 7, 65, 129 (not multiples of the 32-row tiles or the warp) and
+# a batch that spans several chunks of tiles.
+SHAPES = [
+    ([3, 7, 2], 1, 1),
+    ([5, 65, 11, 3], 4, 300),
+    ([2, 129, 1], 3, 129),
+    ([4, 7, 65, 5, 2], 2, 70),
+    ([1, 1, 1], 1, 2),
+    ([7, 33, 4], 5, 4097),
+]
+
+
+def _data(widths, n, b, dtype, seed=1):
+    ws, bs = ensemble(n, widths, dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(b, widths[0], generator=g, dtype=torch.float64).to(dtype)
+    y = torch.randn(b, widths[-1], generator=g, dtype=torch.float64).to(dtype)
+    return ws, bs, x, y
+
+
+def _cuda(ts):
+    return [t.cuda() for t in ts]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("widths,n,b", SHAPES)
+def test_mlp_cuda_matches_cpu_and_reference(activation, widths, n, b, dtype):
+    ws, bs, x, y = _data(widths, n, b, dtype)
+    loss_c, gw_c, gb_c = ops.mlp_mse_grad(ws, bs, x, y, activation)
+    out_c = ops.mlp_forward(ws, bs, x, activation)
+    loss, gw, gb = ops.mlp_mse_grad(_cuda(ws), _cuda(bs), x.cuda(), y.cuda(), activation)
+    out = ops.mlp_forward(_cuda(ws), _cuda(bs), x.cuda(), activation)
+    # reference in float64 on the GPU, so the float32 comparison measures the kernel's rounding
+    w64, b64 = [w.double().cuda() for w in ws], [v.double().cuda() for v in bs]
+    rloss, rgw, rgb = ops.mlp_mse_grad_reference(
+        w64, b64, x.double().cuda(), y.double().cuda(), activation
+    )
+    rout = ops.mlp_forward_reference(w64, b64, x.double().cuda(), activation)
+    # Same tolerances as tests/test_ops.py (conftest.RTOL): against the float64 reference, and
+    # CPU vs CUDA (two roundings of the same sums, so twice the budget).
+    tol = RTOL[dtype]
+    assert rel(loss.double(), rloss) < tol
+    assert rel(out.double(), rout) < tol
+    for a, r in zip(gw + gb, rgw + rgb):
+        assert rel(a.double(), r) < tol
+    assert rel(loss.cpu().double(), loss_c.double()) < 2 * tol
+    assert rel(out.cpu().double(), out_c.double()) < 2 * tol
+    for a, r in zip(gw + gb, gw_c + gb_c):
+        assert rel(a.cpu().double(), r.double()) < 2 * tol
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_mlp_cuda_deterministic_and_on_current_stream(dtype):
+    ws, bs, x, y = _data([6, 65, 40, 3], 5, 2000, dtype)
+    ws, bs, x, y = _cuda(ws), _cuda(bs), x.cuda(), y.cuda()
+    first = ops.mlp_mse_grad(ws, bs, x, y, "tanh")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # the inputs were made on the default stream
+    with torch.cuda.stream(stream):
+        second = ops.mlp_mse_grad(ws, bs, x, y, "tanh")
+    stream.synchronize()
+    assert torch.equal(first[0], second[0])
+    for a, b in zip(first[1] + first[2], second[1] + second[2]):
+        assert torch.equal(a, b)
+    assert torch.equal(ops.mlp_forward(ws, bs, x, "gelu"), ops.mlp_forward(ws, bs, x, "gelu"))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_mlp_cuda_wide_layers_use_the_global_memory_path(dtype):
+    # 784-256-10 tile buffers exceed any GPU's shared memory per block: the generic path.
+    ws, bs, x, y = _data([784, 256, 10], 2, 77, dtype)
+    loss, gw, gb = ops.mlp_mse_grad(_cuda(ws), _cuda(bs), x.cuda(), y.cuda(), "relu")
+    rloss, rgw, rgb = ops.mlp_mse_grad_reference(
+        [w.double() for w in ws], [v.double() for v in bs], x.double(), y.double(), "relu"
+    )
+    tol = RTOL[dtype]
+    assert rel(loss.cpu().double(), rloss) < tol
+    for a, r in zip(gw + gb, rgw + rgb):
+        assert rel(a.cpu().double(), r) < tol
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("n,shapes", [(1, [(1, 1)]), (4, [(7, 3), (5,)]), (3, [(65, 1), (0,)])])
+def test_adam_cuda_matches_cpu(n, shapes, dtype):
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(n, *s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    pd, md, vd = _cuda(params), _cuda(m), _cuda(v)
+    lr = torch.linspace(1e-3, 1e-1, n, dtype=dtype)
+    steps = torch.arange(1, n + 1, dtype=torch.int64)
+    for k in range(5):
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype) for p in params]
+        ops.adam_step(params, grads, m, v, steps + k, lr)
+        ops.adam_step(pd, _cuda(grads), md, vd, (steps + k).cuda(), lr.cuda())
+    tol = RTOL[dtype]  # as tests/test_ops.py
+    for a, b in zip(pd + md + vd, params + m + v):
+        if b.numel():
+            assert rel(a.cpu(), b) < tol
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("absolute", [False, True])
+@pytest.mark.parametrize("m,d", [(1, 1), (2, 3), (65, 7), (129, 785), (33, 1)])
+def test_cosine_distances_cuda_matches_cpu(m, d, absolute, dtype):
+    g = torch.Generator().manual_seed(m * 1000 + d)
+    v = torch.randn(m, d, generator=g, dtype=torch.float64).to(dtype)
+    if m > 2:
+        v[1] = 0.0  # a zero row
+        v[2] = -v[0] * 3  # an antiparallel row
+    out = ops.cosine_distances(v.cuda(), absolute)
+    assert out.device.type == "cuda" and out.dtype == torch.float64
+    assert torch.equal(out, out.T)
+    assert torch.equal(out.diagonal(), torch.zeros(m, dtype=torch.float64, device="cuda"))
+    assert bool((out >= 0).all())
+    # float64 throughout; sums in a different order than the CPU: agreement to ~1e-15 * D.
+    torch.testing.assert_close(out.cpu(), ops.cosine_distances(v, absolute), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        out, ops.cosine_distances_reference(v.cuda(), absolute), rtol=0, atol=1e-12
+    )
+    assert torch.equal(out, ops.cosine_distances(v.cuda(), absolute))  # deterministic
+
+
+def test_backends_report_cuda_iff_compiled():
+    from expand_and_cluster import _C
+
+    compiled = "cuda" in expand_and_cluster.backends()
+    if not compiled:
+        # Without CUDA support a CUDA device index is refused with a clear message.
+        with pytest.raises(ValueError, match="CUDA"):
+            _C.cosine_distances(1, 2, 2, 0, False, 1, 0)
+        return
+    # A CUDA build imports and runs the CPU kernels everywhere; a CUDA call on a machine without a
+    # GPU or driver raises RuntimeError (never crashes).
+    try:
+        nbytes = _C.mlp_workspace_bytes([2, 3, 1], 1, 4, 0, 0, 0, True)
+    except RuntimeError as e:
+        assert not torch.cuda.is_available()
+        assert "CUDA" in str(e)
+    else:
+        assert nbytes > 0
