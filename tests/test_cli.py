@@ -148,3 +148,26 @@ def test_recover_from_teacher_scores_alignment(tmp_path, capsys, queries):
     assert rep["alignment"][0]["max"] < 1e-3
     assert (out / "alignment.png").exists()
     assert "recovered hidden width: [3] (teacher: [3])" in capsys.readouterr().out
+
+
+def test_cuda_device_without_gpu_is_a_user_error(tmp_path, capsys, queries):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    qpath, _, _ = queries
+    out = tmp_path / "out"
+    argv = [
+        "recover",
+        "--queries",
+        str(qpath),
+        "--activation",
+        "tanh",
+        "--out",
+        str(out),
+        "--device",
+        "cuda",
+        *FAST,
+    ]
+    _run_error(capsys, argv, "--device")
+    assert not out.exists()

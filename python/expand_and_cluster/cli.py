@@ -208,7 +208,23 @@ class _Output:
             self.abort()
 
 
+def _check_device(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        from . import backends
+
+        if "cuda" not in backends():
+            raise InputError(
+                "--device: cuda requested but this build has no CUDA kernels (install with nvcc "
+                "on the PATH), use --device cpu"
+            )
+        if not torch.cuda.is_available():
+            raise InputError("--device: cuda requested but torch sees no GPU; use --device cpu")
+
+
 def _configs(args):
+    _check_device(args.device)
     from .clustering import ClusterConfig
     from .recover import RecoverConfig
     from .training import ExpansionSearchConfig, TrainConfig

@@ -182,8 +182,10 @@ def recover(X: np.ndarray, Y: np.ndarray, config: RecoverConfig, log=None) -> Re
 
     t0 = time.perf_counter()
     ens = tr.students
-    incoming = torch.cat([ens.weights[0], ens.biases[0][:, :, None]], dim=2)
-    clustering = cluster_layer(incoming, ens.weights[1], rel, cfg.activation, cfg.cluster, mask)
+    # clustering runs on the CPU (numpy, scipy, the C++ linkage) wherever the students trained
+    incoming = torch.cat([ens.weights[0], ens.biases[0][:, :, None]], dim=2).cpu()
+    outgoing = ens.weights[1].cpu()
+    clustering = cluster_layer(incoming, outgoing, rel, cfg.activation, cfg.cluster, mask)
     timings["cluster"] = time.perf_counter() - t0
     say(
         f"clustering: {clustering.k_hat} cluster(s) kept at cut height "
