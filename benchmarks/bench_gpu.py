@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+# The baselines' loss functions are the CPU benchmark's (same script directory on sys.path).
+from bench_training_step import LOSSES
 from expand_and_cluster import ops
 
 # name: (d_in, width, d_out, N, B), DESIGN.md / issue 3 sizes
@@ -36,31 +38,6 @@ def _problem(size, dev):
     x = torch.randn(b, d_in, generator=g)
     y = torch.randn(b, d_out, generator=g)
     return [t.to(dev) for t in ws], [t.to(dev) for t in bs], x.to(dev), y.to(dev)
-
-
-def _loss_einsum(ws, bs, x, y):
-    h = torch.tanh(torch.einsum("bi,noi->nbo", x, ws[0]) + bs[0][:, None, :])
-    out = torch.einsum("nbi,noi->nbo", h, ws[1]) + bs[1][:, None, :]
-    return ((out - y) ** 2).mean(dim=(1, 2))
-
-
-def _loss_bmm(ws, bs, x, y):
-    xb = x.expand(ws[0].shape[0], *x.shape)
-    h = torch.tanh(torch.baddbmm(bs[0][:, None, :], xb, ws[0].transpose(1, 2)))
-    out = torch.baddbmm(bs[1][:, None, :], h, ws[1].transpose(1, 2))
-    return ((out - y) ** 2).mean(dim=(1, 2))
-
-
-def _one(w0, b0, w1, b1, x, y):
-    out = torch.tanh(x @ w0.T + b0) @ w1.T + b1
-    return ((out - y) ** 2).mean()
-
-
-_vmapped = torch.func.vmap(_one, in_dims=(0, 0, 0, 0, None, None))
-
-
-def _loss_vmap(ws, bs, x, y):
-    return _vmapped(ws[0], bs[0], ws[1], bs[1], x, y)
 
 
 def _torch_step(loss_fn):
@@ -113,9 +90,9 @@ def _ours(ws, bs, x, y):
 
 IMPLS = {
     "ours": _ours,
-    "einsum": _torch_step(_loss_einsum),
-    "bmm": _torch_step(_loss_bmm),
-    "vmap": _torch_step(_loss_vmap),
+    "einsum": _torch_step(LOSSES["einsum"]),
+    "bmm": _torch_step(LOSSES["bmm"]),
+    "vmap": _torch_step(LOSSES["vmap"]),
 }
 
 
