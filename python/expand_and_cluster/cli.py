@@ -1,4 +1,5 @@
-"""Command line: ``expand-and-cluster recover|demo|bench`` (also ``python -m expand_and_cluster``).
+"""Command line: ``expand-and-cluster recover|cluster|demo|bench`` (also
+``python -m expand_and_cluster``).
 
 User errors (bad files, bad options) print one line on stderr and exit with code 2, without a
 traceback, and leave no output folder behind: a run writes into a temporary folder next to
@@ -54,20 +55,19 @@ def _float_in(name, lo, hi, lo_open=False):
     return parse
 
 
-def _add_method_options(p: argparse.ArgumentParser, students_default: int = 20) -> None:
-    g = p.add_argument_group("method")
-    g.add_argument(
-        "--students",
-        type=_positive_int("--students"),
-        default=students_default,
-        help="number of students N (default %(default)s)",
-    )
-    g.add_argument(
-        "--width",
-        type=_positive_int("--width"),
-        default=None,
-        help="student hidden width; default: expansion search",
-    )
+def _widths(s):
+    try:
+        out = tuple(int(p) for p in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--teacher-widths: expected comma-separated integers, got {s!r}"
+        ) from None
+    if len(out) < 1 or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"--teacher-widths: expected widths >= 1, got {s!r}")
+    return out
+
+
+def _add_cluster_options(g) -> None:
     g.add_argument(
         "--gamma",
         type=_float_in("--gamma", 0, 1, lo_open=True),
@@ -81,6 +81,37 @@ def _add_method_options(p: argparse.ArgumentParser, students_default: int = 20) 
         help="drop clusters whose median angle exceeds beta (degrees)",
     )
     g.add_argument("--metric", choices=["cosine", "l2"], default="cosine")
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    o = p.add_argument_group("output")
+    o.add_argument("--out", type=Path, required=True, help="output folder (must not exist yet)")
+    o.add_argument("--force", action="store_true", help="replace an existing output folder")
+    o.add_argument("--no-figures", action="store_true")
+    o.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+
+
+def _add_method_options(p: argparse.ArgumentParser, students_default: int = 20) -> None:
+    g = p.add_argument_group("method")
+    g.add_argument(
+        "--students",
+        type=_positive_int("--students"),
+        default=students_default,
+        help="number of students N (default %(default)s)",
+    )
+    g.add_argument(
+        "--hidden-layers",
+        type=_positive_int("--hidden-layers"),
+        default=None,
+        help="the teacher's number of hidden layers L (default: the teacher file's, else 1)",
+    )
+    g.add_argument(
+        "--width",
+        type=_positive_int("--width"),
+        default=None,
+        help="student hidden width (every layer); default: expansion search",
+    )
+    _add_cluster_options(g)
     g.add_argument(
         "--epochs",
         type=_positive_int("--epochs"),
@@ -117,11 +148,7 @@ def _add_method_options(p: argparse.ArgumentParser, students_default: int = 20) 
         help="dtype of the Adam phase (polish and fine-tune are float64)",
     )
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    o = p.add_argument_group("output")
-    o.add_argument("--out", type=Path, required=True, help="output folder (must not exist yet)")
-    o.add_argument("--force", action="store_true", help="replace an existing output folder")
-    o.add_argument("--no-figures", action="store_true")
-    o.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    _add_output_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,9 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     src = r.add_mutually_exclusive_group(required=True)
     src.add_argument("--queries", type=Path, help="query file .npz with X [P, d_in], Y [P, d_out]")
     src.add_argument("--teacher", type=Path, help="teacher network (.npz, or .pt state_dict)")
-    r.add_argument(
-        "--activation", required=True, help="hidden activation: " + ", ".join(sorted(ACTIVATIONS))
+    src.add_argument(
+        "--resume",
+        type=Path,
+        help="continue an interrupted run from its checkpoint folder (OUT.checkpoint, or a "
+        "run's OUT/checkpoint); its queries, teacher and settings are used",
     )
+    r.add_argument("--activation", help="hidden activation: " + ", ".join(sorted(ACTIVATIONS)))
     r.add_argument(
         "--probe",
         choices=["gaussian", "uniform"],
@@ -166,8 +197,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--quiet", action="store_true")
 
+    c = sub.add_parser(
+        "cluster",
+        help="re-cluster a run's trained students with other gamma/beta (no retraining)",
+        description="Cluster, reconstruct and fine-tune again from the trained students saved "
+        "by an earlier run (its output folder or checkpoint folder), with new clustering "
+        "options. The queries, activation, depth and training settings come from that run.",
+    )
+    c.add_argument(
+        "--students", type=Path, required=True, help="an earlier run's output or checkpoint folder"
+    )
+    cg = c.add_argument_group("clustering")
+    _add_cluster_options(cg)
+    cg.add_argument(
+        "--finetune-iterations",
+        type=int,
+        default=3000,
+        help="L-BFGS iterations of the final fine-tune",
+    )
+    _add_output_options(c)
+
     d = sub.add_parser("demo", help="recover a 64-k-10 tanh teacher trained on sklearn's digits")
     d.add_argument("--teacher-width", type=_positive_int("--teacher-width"), default=16)
+    d.add_argument(
+        "--deep",
+        action="store_true",
+        help="a teacher 64-k1-k2-10 with two hidden layers (widths: --teacher-widths)",
+    )
+    d.add_argument(
+        "--teacher-widths",
+        type=_widths,
+        default=(12, 10),
+        help="hidden widths of the --deep teacher, comma-separated (default 12,10)",
+    )
     _add_method_options(d)
     for a in d._actions:
         if a.dest == "out":
@@ -186,17 +248,31 @@ class _Output:
             raise InputError(f"--out: {out} exists and is not empty (use --force to replace it)")
         out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        self.checkpoint: Path | None = None  # set by a run that writes checkpoints
 
     def path(self, name: str) -> Path:
         return self.tmp / name
 
     def commit(self) -> None:
+        if self.checkpoint is not None and self.checkpoint.is_dir():
+            os.replace(self.checkpoint, self.tmp / "checkpoint")
         if self.out.exists():
             shutil.rmtree(self.out)
         os.replace(self.tmp, self.out)
 
-    def abort(self) -> None:
+    def abort(self, user_error: bool) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+        ckpt = self.checkpoint
+        if ckpt is None or not ckpt.is_dir():
+            return
+        if user_error or not (ckpt / "students.json").is_file():
+            shutil.rmtree(ckpt, ignore_errors=True)  # nothing worth resuming
+        else:
+            print(
+                f"expand-and-cluster: checkpoints kept in {ckpt}; continue with: "
+                f"expand-and-cluster recover --resume {ckpt} --out {self.out}",
+                file=sys.stderr,
+            )
 
     def __enter__(self) -> _Output:
         return self
@@ -205,7 +281,7 @@ class _Output:
         if exc_type is None:
             self.commit()
         else:
-            self.abort()
+            self.abort(user_error=issubclass(exc_type, InputError))
 
 
 def _check_device(device: str) -> None:
@@ -223,7 +299,7 @@ def _check_device(device: str) -> None:
             raise InputError("--device: cuda requested but torch sees no GPU; use --device cpu")
 
 
-def _configs(args):
+def _configs(args, hidden_layers: int = 1):
     _check_device(args.device)
     from .clustering import ClusterConfig
     from .recover import RecoverConfig
@@ -244,6 +320,7 @@ def _configs(args):
     search = ExpansionSearchConfig(epochs=max(20, args.epochs // 3))
     return RecoverConfig(
         activation=args.activation,
+        hidden_layers=hidden_layers,
         width=args.width,
         cluster=ClusterConfig(gamma=args.gamma, beta_degrees=args.beta_degrees, metric=args.metric),
         train=train,
@@ -254,28 +331,63 @@ def _configs(args):
     )
 
 
-def _run(args, X, Y, source: str, teacher, out: _Output, log, extra=None, t_probe=0.0) -> dict:
-    """Recover, score (when the teacher is known), write report.json, recovered.npz, figures."""
+def _checkpoint_path(out: Path) -> Path:
+    """Where a run keeps its checkpoints until it finishes: ``OUT.checkpoint`` next to OUT."""
+    return out.with_name(out.name + ".checkpoint")
+
+
+def _run(
+    args,
+    cfg,
+    X,
+    Y,
+    source: str,
+    teacher,
+    out: _Output,
+    log,
+    extra=None,
+    t_probe=0.0,
+    resume_from=None,
+    resume_layers=True,
+) -> dict:
+    """Recover, score (when the teacher is known), write report.json, recovered.npz, figures.
+
+    Checkpoints go to ``OUT.checkpoint`` while the run lasts (kept if it fails, so that
+    ``recover --resume OUT.checkpoint`` continues it) and move into ``OUT/checkpoint`` at the end.
+    """
     import torch
 
     from . import metrics, report
-    from .recover import recover
+    from .checkpoint import Checkpoint
+    from .recover import recover, split_queries
     from .teacher import save_network
 
     t0 = time.perf_counter()
-    cfg = _configs(args)
-    res = recover(X, Y, cfg, log=log)
-    act = get_activation(args.activation)
+    ckpt = Checkpoint(_checkpoint_path(args.out))
+    if resume_from is None or Path(resume_from.path).resolve() != ckpt.path.resolve():
+        if ckpt.path.exists():
+            shutil.rmtree(ckpt.path)
+        if resume_from is not None:  # continue in this run's own checkpoint folder
+            shutil.copytree(resume_from.path, ckpt.path)
+            resume_from = ckpt
+        else:
+            _, held = split_queries(len(X), cfg.held_out_fraction, cfg.train.seed)
+            ckpt.save_run(cfg.to_dict(), X, Y, held, source, teacher)
+    out.checkpoint = ckpt.path
+    res = recover(
+        X, Y, cfg, log=log, checkpoint=ckpt, resume_from=resume_from, resume_layers=resume_layers
+    )
+    act = get_activation(cfg.activation)
     alignment = None
     teacher_sizes = None
     bits = None
+    mask = res.network.input_mask
     if teacher is not None:
         teacher_sizes = teacher.hidden_sizes
-        al = metrics.alignment(
-            teacher.incoming(0), res.network.incoming(0), act.name, res.network.input_mask
-        )
-        alignment = [{"layer": 0, **al}]
-        bits = metrics.bits_of_precision(teacher, res.network, res.network.input_mask)
+        if len(teacher_sizes) == len(res.network.hidden_sizes):
+            alignment = metrics.deep_alignment(teacher, res.network, mask)
+        if len(teacher_sizes) == 1:
+            bits = metrics.bits_of_precision(teacher, res.network, mask)
     save_network(res.network, out.path("recovered.npz"))
     # The trained students, so a run can be re-clustered or inspected without retraining.
     with report.atomic_write(out.path("students.npz")) as f:
@@ -285,17 +397,17 @@ def _run(args, X, Y, source: str, teacher, out: _Output, log, extra=None, t_prob
             relative_mse=res.training.relative_mse,
             held_out_index=res.held_out_index,
         )
-    cl = res.clustering
-    mask = res.network.input_mask
+    first = res.layers[0]
+    n_layers = len(res.layers)
     rep = report.build_report(
         version=__version__,
-        backend="cpu",
+        backend=cfg.device,
         activation=act.name,
-        dtype=args.dtype,
-        students=args.students,
-        student_widths=[res.student_width],
-        gamma=args.gamma,
-        beta_degrees=args.beta_degrees,
+        dtype=cfg.train.dtype,
+        students=cfg.train.n_students,
+        student_widths=[res.student_width] * n_layers,
+        gamma=cfg.cluster.gamma,
+        beta_degrees=cfg.cluster.beta_degrees,
         queries={"train": res.n_train, "held_out": res.n_held_out, "source": source},
         recovered_sizes=res.network.hidden_sizes,
         teacher_sizes=teacher_sizes,
@@ -312,16 +424,16 @@ def _run(args, X, Y, source: str, teacher, out: _Output, log, extra=None, t_prob
             "finetune": res.timings_s["finetune"],
             "total": t_probe + (time.perf_counter() - t0),
         },
+        hidden_layers=n_layers,
+        layers=[layer.to_json() for layer in res.layers],
+        resumed_from=res.resumed_from,
         expansion_search={"width": res.student_width, "tried": res.expansion_search},
         input_mask={"masked_inputs": np.flatnonzero(~mask).tolist() if mask is not None else []},
-        cut_height=cl.cut_height,
-        cluster_sizes=cl.sizes.tolist(),
-        cluster_median_angle_degrees=cl.median_angle_degrees.tolist(),
-        dropped_clusters=[
-            {"size": d.size, "median_angle_degrees": d.median_angle_degrees, "reason": d.reason}
-            for d in cl.dropped
-        ],
-        dropped_singletons=int(getattr(cl, "n_dropped_singletons", 0)),
+        cut_height=first.cut_height,
+        cluster_sizes=first.sizes,
+        cluster_median_angle_degrees=first.median_angle_degrees,
+        dropped_clusters=first.dropped,
+        dropped_singletons=first.n_dropped_singletons,
         relative_mse_before_finetune=res.relative_mse["initial_train"],
         bits_of_precision=bits,
         student_stop_reasons=res.training.stop_reason,
@@ -329,41 +441,45 @@ def _run(args, X, Y, source: str, teacher, out: _Output, log, extra=None, t_prob
     )
     report.write_json_atomic(out.path("report.json"), rep)
     if not args.no_figures:
-        gn = args.gamma * args.students
-        report.plot_dendrogram(
-            cl.linkage,
-            cl.cut_height,
-            gn,
-            out.path("dendrogram.png"),
-            title="hidden layer",
-            counts=cl.counts,
-        )
-        m = cl.linkage.shape[0] + 1
+        gn = cfg.cluster.gamma * cfg.train.n_students
+        for layer in res.layers:
+            name = "dendrogram.png" if layer.layer == 0 else f"dendrogram_layer{layer.layer}.png"
+            report.plot_dendrogram(
+                layer.linkage,
+                layer.cut_height,
+                gn,
+                out.path(name),
+                title=f"hidden layer {layer.layer}" if n_layers > 1 else "hidden layer",
+                counts=layer.counts,
+            )
+        m = first.linkage.shape[0] + 1
         if m <= 6000:
             from . import ops
 
             ens = res.training.students
             v = torch.cat([ens.weights[0], ens.biases[0][:, :, None]], dim=2).reshape(m, -1)
             keep = np.append(mask, True) if mask is not None else np.ones(v.shape[1], bool)
-            v = v[:, torch.as_tensor(keep)].contiguous()
+            v = v[:, torch.as_tensor(keep)].contiguous().cpu()
             dist = ops.cosine_distances(v, absolute=act.symmetry.sign_symmetric).numpy()
-            report.plot_distance_matrix(dist, cl.linkage, out.path("distance_matrix.png"))
-        if alignment is not None:
-            report.plot_alignment(alignment[0]["per_teacher_neuron"], out.path("alignment.png"))
-        report.plot_training(res.training.history, out.path("training.png"))
+            report.plot_distance_matrix(dist, first.linkage, out.path("distance_matrix.png"))
+        for al in alignment or []:
+            name = "alignment.png" if al["layer"] == 0 else f"alignment_layer{al['layer']}.png"
+            report.plot_alignment(al["per_teacher_neuron"], out.path(name))
+        if res.training.history:
+            report.plot_training(res.training.history, out.path("training.png"))
     return rep
 
 
 def _summary(rep: dict, out: Path) -> str:
-    lines = [f"recovered hidden width: {rep['recovered_sizes']}"]
+    lines = [f"recovered hidden widths: {rep['recovered_sizes']}"]
     if rep.get("teacher_sizes") is not None:
         lines[0] += f" (teacher: {rep['teacher_sizes']})"
-    if rep.get("alignment"):
-        al = rep["alignment"][0]
+    for al in rep.get("alignment") or []:
         k = len(al["per_teacher_neuron"])
         lines.append(
-            f"teacher neurons within 1e-3 cosine distance: {al['count_below_1e-3']}/{k}, within "
-            f"1e-6: {al['count_below_1e-6']}/{k} (median {al['median']:.2e}, max {al['max']:.2e})"
+            f"layer {al['layer']}: teacher neurons within 1e-3 cosine distance: "
+            f"{al['count_below_1e-3']}/{k}, within 1e-6: {al['count_below_1e-6']}/{k} "
+            f"(median {al['median']:.2e}, max {al['max']:.2e})"
         )
     r = rep["recovered_relative_mse"]
     lines.append(
@@ -375,21 +491,51 @@ def _summary(rep: dict, out: Path) -> str:
 
 
 def cmd_recover(args, log) -> int:
+    from .checkpoint import Checkpoint
+    from .recover import RecoverConfig
     from .teacher import load_network, load_probe_inputs, load_queries, probe
 
+    if args.resume is not None:
+        ckpt_in = Checkpoint.find(args.resume)
+        run = ckpt_in.load_run()
+        cfg = RecoverConfig.from_dict(run["config"])
+        if args.activation is not None and args.activation != cfg.activation:
+            raise InputError(
+                f"--activation: the checkpoint's run used {cfg.activation!r}, not "
+                f"{args.activation!r}"
+            )
+        _check_device(cfg.device)
+        with _Output(args.out, args.force) as out:
+            rep = _run(
+                args,
+                cfg,
+                run["X"],
+                run["Y"],
+                run["source"],
+                run["teacher"],
+                out,
+                log,
+                resume_from=ckpt_in,
+            )
+        print(_summary(rep, args.out))
+        return 0
+    if args.activation is None:
+        raise InputError("--activation: required with --queries or --teacher")
     get_activation_checked(args.activation)
     teacher = None
     t0 = time.perf_counter()
+    layers = args.hidden_layers
     if args.queries is not None:
         X, Y = load_queries(args.queries)
         source = f"file:{args.queries}"
     else:
         teacher = load_network(args.teacher, activation=args.activation)
-        if len(teacher.hidden_sizes) != 1:
+        if layers is not None and layers != len(teacher.hidden_sizes):
             raise InputError(
-                f"--teacher: {args.teacher} has {len(teacher.hidden_sizes)} hidden layers; "
-                "recover handles one hidden layer"
+                f"--hidden-layers: {layers}, but the teacher {args.teacher} has "
+                f"{len(teacher.hidden_sizes)} hidden layers"
             )
+        layers = len(teacher.hidden_sizes)
         inputs = None
         if args.probe_inputs is not None:
             inputs = load_probe_inputs(args.probe_inputs, teacher.d_in)
@@ -398,8 +544,63 @@ def cmd_recover(args, log) -> int:
             source = f"{args.probe}:{args.n_queries}"
         X, Y = probe(teacher, args.n_queries, args.probe, args.seed, inputs=inputs)
     t_probe = time.perf_counter() - t0
+    cfg = _configs(args, layers or 1)
     with _Output(args.out, args.force) as out:
-        rep = _run(args, X, Y, source, teacher, out, log, t_probe=t_probe)
+        rep = _run(args, cfg, X, Y, source, teacher, out, log, t_probe=t_probe)
+    print(_summary(rep, args.out))
+    return 0
+
+
+def cmd_cluster(args, log) -> int:
+    import dataclasses
+
+    from .checkpoint import Checkpoint
+    from .clustering import ClusterConfig
+    from .recover import RecoverConfig
+
+    ckpt_in = Checkpoint.find(args.students)
+    if not ckpt_in.has("students"):
+        raise InputError(f"--students: {ckpt_in.path} holds no trained students (students.npz)")
+    run = ckpt_in.load_run()
+    old = RecoverConfig.from_dict(run["config"])
+    cfg = dataclasses.replace(
+        old,
+        cluster=ClusterConfig(gamma=args.gamma, beta_degrees=args.beta_degrees, metric=args.metric),
+        finetune_iterations=max(0, args.finetune_iterations),
+        device="cpu",
+    )
+    if cfg.cluster.gamma * cfg.train.n_students < 2:
+        raise InputError(
+            f"--gamma: gamma * N = {cfg.cluster.gamma} * {cfg.train.n_students} < 2 (N comes "
+            "from the saved students)"
+        )
+    log(
+        f"re-clustering the students of {ckpt_in.path} with gamma {cfg.cluster.gamma:g}, beta "
+        f"{cfg.cluster.beta_degrees:g} degrees (was {old.cluster.gamma:g}, "
+        f"{old.cluster.beta_degrees:g})"
+    )
+    args.activation = cfg.activation
+    with _Output(args.out, args.force) as out:
+        ckpt = Checkpoint(_checkpoint_path(args.out))
+        if ckpt.path.exists():
+            shutil.rmtree(ckpt.path)
+        ckpt.save_run(
+            cfg.to_dict(), run["X"], run["Y"], run["held_out_index"], run["source"], run["teacher"]
+        )
+        for name in ("students.npz", "students.json"):
+            shutil.copy2(ckpt_in.path / name, ckpt.path / name)
+        rep = _run(
+            args,
+            cfg,
+            run["X"],
+            run["Y"],
+            run["source"],
+            run["teacher"],
+            out,
+            log,
+            resume_from=ckpt,
+            resume_layers=False,
+        )
     print(_summary(rep, args.out))
     return 0
 
@@ -408,10 +609,15 @@ def cmd_demo(args, log) -> int:
     from .teacher import biased_noise_augmentation, save_network, save_queries, train_digits_teacher
 
     args.activation = "tanh"
+    widths = list(args.teacher_widths) if args.deep else [args.teacher_width]
+    if args.hidden_layers is not None and args.hidden_layers != len(widths):
+        raise InputError(f"--hidden-layers: the demo teacher has {len(widths)} hidden layer(s)")
+    cfg = _configs(args, len(widths))
     with _Output(args.out, args.force) as out:
         t0 = time.perf_counter()
-        log(f"training the teacher 64-{args.teacher_width}-10 (tanh) on scikit-learn's digits")
-        teacher, digits, info = train_digits_teacher(width=args.teacher_width, seed=args.seed)
+        arch = "-".join(str(w) for w in [64, *widths, 10])
+        log(f"training the teacher {arch} (tanh) on scikit-learn's digits")
+        teacher, digits, info = train_digits_teacher(width=widths, seed=args.seed)
         rng = np.random.default_rng(args.seed)
         X = biased_noise_augmentation(digits, rng)
         Y = teacher.forward(X)
@@ -424,6 +630,7 @@ def cmd_demo(args, log) -> int:
         save_queries(out.path("queries.npz"), X, Y)
         rep = _run(
             args,
+            cfg,
             X,
             Y,
             "digits+biased_noise",
@@ -473,6 +680,8 @@ def main(argv=None) -> int:
             return cmd_recover(args, log)
         if args.command == "bench":
             return cmd_bench(args, log)
+        if args.command == "cluster":
+            return cmd_cluster(args, log)
         return cmd_demo(args, log)
     except InputError as e:
         print(f"expand-and-cluster: error: {e}", file=sys.stderr)

@@ -231,3 +231,73 @@ def bits_of_precision(
         deltas.append(np.abs(teacher.biases[1] - recovered.biases[1]).max(initial=0.0))
     worst = float(max(deltas))
     return float("inf") if worst == 0.0 else float(-np.log2(worst))
+
+
+def deep_alignment(
+    teacher: Network, recovered: Network, input_mask: np.ndarray | None = None
+) -> list[dict[str, Any]]:
+    """Per hidden layer :func:`alignment` of a deep teacher and a recovered network.
+
+    Layer 0 is compared directly (on the masked inputs). A layer l >= 1 lives in the space of the
+    layer below, whose neurons the recovery found in another order, orientation and (relu class)
+    scale; so each teacher neuron t of layer l - 1 is first paired with its closest recovered
+    neuron j(t) (the ``matched`` of layer l - 1), and the recovered layer l is re-expressed over
+    the teacher's layer l - 1: column t of its weights is recovered column j(t) times
+    ``sigma_t * lambda_t`` (sigma_t = the sign of the pair's dot product for the odd classes, +1
+    otherwise; lambda_t = norm ratio recovered / teacher for the relu class, 1 otherwise); for
+    odd_constant (sigmoid, ``s(-z) = 1 - s(z)``) a flipped pair also moves the recovered column
+    into the bias. Recovered neurons of layer l - 1 that no teacher neuron picked are left out.
+    For the even_linear classes a flipped pair leaves a linear term that this re-expression
+    ignores (the recovery orients deep even_linear networks so that none is left).
+
+    Parameters
+    ----------
+    teacher, recovered : networks with the same number of hidden layers and activation.
+    input_mask : ``[d_in]`` bool, inputs compared in layer 0, or None for all.
+
+    Returns
+    -------
+    list of ``{"layer": l, **alignment(...)}``, one per hidden layer.
+
+    Raises
+    ------
+    ValueError
+        When the numbers of hidden layers, the activations or the input sizes differ.
+    """
+    if len(teacher.hidden_sizes) != len(recovered.hidden_sizes):
+        raise ValueError(
+            f"teacher, recovered: {len(teacher.hidden_sizes)} and "
+            f"{len(recovered.hidden_sizes)} hidden layers"
+        )
+    if teacher.activation != recovered.activation or teacher.d_in != recovered.d_in:
+        raise ValueError("teacher, recovered: different activations or input sizes")
+    symmetry = get_activation(teacher.activation).symmetry
+    out = []
+    al = alignment(teacher.incoming(0), recovered.incoming(0), teacher.activation, input_mask)
+    out.append({"layer": 0, **al})
+    for l in range(1, len(teacher.hidden_sizes)):
+        t_below = teacher.incoming(l - 1)
+        r_below = recovered.incoming(l - 1)
+        mask = input_mask if l == 1 else None
+        tb, rb = _masked(t_below, mask, "teacher"), _masked(r_below, mask, "recovered")
+        w_r, b_r = recovered.weights[l], recovered.biases[l].copy()
+        cols = np.zeros((w_r.shape[0], t_below.shape[0]))
+        for t, j in enumerate(out[-1]["matched"]):
+            if j is None:
+                continue
+            dot = float(tb[t] @ rb[j])
+            sigma = -1.0 if (symmetry.sign_symmetric and dot < 0) else 1.0
+            lam = 1.0
+            if symmetry.scale_symmetric:
+                nt = np.linalg.norm(tb[t])
+                lam = np.linalg.norm(rb[j]) / nt if nt > 0 else 1.0
+            if symmetry in (SymmetryClass.ODD, SymmetryClass.ODD_CONSTANT):
+                cols[:, t] = sigma * w_r[:, j]
+                if symmetry is SymmetryClass.ODD_CONSTANT and sigma < 0:
+                    b_r += w_r[:, j]
+            else:
+                cols[:, t] = lam * w_r[:, j]
+        mapped = np.concatenate([cols, b_r[:, None]], axis=1)
+        al = alignment(teacher.incoming(l), mapped, teacher.activation, None)
+        out.append({"layer": l, **al})
+    return out

@@ -282,3 +282,78 @@ def reconstruct_one_hidden_layer(
         None if theta is None else np.zeros(w.shape[0]),
         input_mask,
     )
+
+
+@dataclass
+class SignResolution:
+    """Orientation of a layer of an even_linear network chosen so that no linear term is left.
+
+    Attributes
+    ----------
+    flipped : ``[k]`` bool, neurons of the layer below whose incoming vector is negated.
+    residual : ``||S'|| / ||[W, S]||`` (Frobenius) of the skip part left after the flips; ~0 when
+        the canonical orientation differs from a skip-free one only by the flips found.
+    transform : ``[k + 1, k + q + 1]``, maps a vector ``[W; S; b]`` over ``[h; p; 1]`` (canonical
+        layer below h, its input p) to ``[W; b']`` over ``[h'; 1]`` (flipped layer below h').
+    """
+
+    flipped: np.ndarray
+    residual: float
+    transform: np.ndarray
+
+    def to_json(self) -> dict:
+        return {"flipped": np.flatnonzero(self.flipped).tolist(), "residual": self.residual}
+
+
+def resolve_linear_signs(
+    upper: np.ndarray, below: np.ndarray, coefficient: float
+) -> SignResolution:
+    """Orient the neurons of a layer of an even_linear network so that the layer above needs no
+    linear skip term.
+
+    Identity: for the even_linear classes ``s(z) - s(-z) = c z`` (c = ``coefficient``: 1 for
+    softplus, gelu, silu, relu; 1 + alpha for leaky_relu). Clustering gives the neurons of a layer
+    only up to sign (``below`` ``[k, q + 1]``, vectors ``v_j`` over that layer's input ``[p; 1]``,
+    canonical orientation). A skip-free teacher seen in that orientation has, in the layer above,
+    incoming vectors ``[W; S; b]`` over ``[h; p; 1]`` (``upper`` ``[m, k + q + 1]``) whose skip
+    part is ``S = -c sum_j d_j W[:, j] w_j^T`` with ``d_j = 1`` for the neurons the canonical
+    form flipped relative to the teacher. ``d`` is found by least squares on that linear system
+    (``m q`` equations, ``k`` unknowns) and rounded to {0, 1}; flipping those neurons
+    (``v_j -> -v_j``, ``h'_j = s(-z_j) = h_j - c z_j``) turns the layer above into
+    ``S' = S + c sum_{j in d} W[:, j] w_j^T`` (about 0, dropped) and
+    ``b' = b + c sum_{j in d} W[:, j] b_j``, with ``W`` unchanged.
+
+    Parameters
+    ----------
+    upper : ``[m, k + q + 1]`` float64, the layer above over ``[h; p; 1]``.
+    below : ``[k, q + 1]`` float64, the layer's canonical incoming vectors over ``[p; 1]``.
+    coefficient : c of the identity.
+
+    Returns
+    -------
+    SignResolution
+
+    Raises
+    ------
+    ValueError
+        On inconsistent shapes.
+    """
+    upper = np.asarray(upper, dtype=np.float64)
+    below = np.asarray(below, dtype=np.float64)
+    k, q1 = below.shape
+    q = q1 - 1
+    if upper.ndim != 2 or upper.shape[1] != k + q + 1:
+        raise ValueError(f"upper: expected [m, {k + q + 1}] (k + q + 1), got {upper.shape}")
+    m = upper.shape[0]
+    w, s = upper[:, :k], upper[:, k : k + q]
+    a = (-coefficient * w[:, None, :] * below[None, :, :q].transpose(0, 2, 1)).reshape(m * q, k)
+    d_ls = np.linalg.lstsq(a, s.reshape(-1), rcond=None)[0] if q > 0 else np.zeros(k)
+    flipped = d_ls > 0.5
+    t = np.eye(k + q + 1)
+    t[k : k + q, :k] += coefficient * (below[:, :q] * flipped[:, None]).T
+    t[k + q, :k] += coefficient * below[:, q] * flipped
+    keep = np.r_[np.arange(k), k + q]
+    new = upper @ t.T
+    denom = float(np.linalg.norm(upper[:, : k + q]))
+    residual = float(np.linalg.norm(new[:, k : k + q]) / denom) if denom > 0 else 0.0
+    return SignResolution(flipped, residual, t[keep])

@@ -494,14 +494,14 @@ def biased_noise_augmentation(
 
 
 def train_digits_teacher(
-    width: int = 16,
+    width: int | Sequence[int] = 16,
     activation: str = "tanh",
     seed: int = 0,
     epochs: int = 300,
     lr: float = 1e-2,
     test_fraction: float = 0.2,
 ) -> tuple[Network, np.ndarray, dict[str, Any]]:
-    """Train a 64-width-10 MLP on scikit-learn's handwritten digits: the demo teacher.
+    """Train a 64-width-10 MLP (or 64-k1-k2-...-10) on scikit-learn's digits: the demo teacher.
 
     The 1797 8x8 digit images (``sklearn.datasets.load_digits``, shipped with scikit-learn, no
     download) are scaled to [0, 1] (pixel / 16). A seeded permutation holds out
@@ -511,7 +511,7 @@ def train_digits_teacher(
 
     Parameters
     ----------
-    width : hidden width.
+    width : hidden width, or one width per hidden layer.
     activation : hidden activation (a name from the registry).
     seed : seed of the split and of the initialisation (PyTorch-default uniform
         U[-1/sqrt(fan_in), 1/sqrt(fan_in)] for weights and biases).
@@ -521,7 +521,8 @@ def train_digits_teacher(
 
     Returns
     -------
-    network : the teacher (``activation``, float64 weights, layers [width, 64] and [10, width]).
+    network : the teacher (``activation``, float64 weights, layers [width, 64] and [10, width],
+        or one layer per given width).
     X : ``[1797, 64]`` float64, all scaled images (the teacher's training inputs, usable as
         queries).
     info : ``{"train_accuracy", "test_accuracy", "n_train", "n_test", "epochs"}``.
@@ -534,7 +535,8 @@ def train_digits_teacher(
     from sklearn.datasets import load_digits
 
     act = get_activation(_check_activation(activation, "activation"))
-    if int(width) < 1 or int(epochs) < 1 or not 0.0 < test_fraction < 1.0:
+    widths = [int(width)] if np.ndim(width) == 0 else [int(w) for w in width]
+    if not widths or min(widths) < 1 or int(epochs) < 1 or not 0.0 < test_fraction < 1.0:
         raise InputError(
             f"digits teacher: expected width >= 1, epochs >= 1, 0 < test_fraction < 1, got "
             f"{width}, {epochs}, {test_fraction}"
@@ -554,16 +556,17 @@ def train_digits_teacher(
         return t.requires_grad_(True)
 
     d_in, d_out = x_all.shape[1], 10
-    params = [
-        uniform((width, d_in), d_in),
-        uniform((width,), d_in),
-        uniform((d_out, width), width),
-        uniform((d_out,), width),
-    ]
+    sizes = [d_in, *widths, d_out]
+    params = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        params += [uniform((fan_out, fan_in), fan_in), uniform((fan_out,), fan_in)]
     xt, yt = torch.as_tensor(x_all), torch.as_tensor(labels)
 
     def logits(x: torch.Tensor) -> torch.Tensor:
-        return act.fn(x @ params[0].T + params[1]) @ params[2].T + params[3]
+        h = x
+        for l in range(0, len(params) - 2, 2):
+            h = act.fn(h @ params[l].T + params[l + 1])
+        return h @ params[-2].T + params[-1]
 
     opt = torch.optim.Adam(params, lr=lr)
     # The matrices are tiny: one thread is faster than several, by far on a busy machine.
@@ -580,8 +583,8 @@ def train_digits_teacher(
     finally:
         torch.set_num_threads(threads)
     net = Network(
-        [params[0].detach().numpy().copy(), params[2].detach().numpy().copy()],
-        [params[1].detach().numpy().copy(), params[3].detach().numpy().copy()],
+        [p.detach().numpy().copy() for p in params[0::2]],
+        [p.detach().numpy().copy() for p in params[1::2]],
         activation,
     )
     info = {
@@ -622,8 +625,10 @@ def planted_teacher(
 ) -> Network:
     """A random teacher whose every neuron matters and whose neurons are well separated.
 
-    - Hidden layer l: weights N(0, 1 / fan_in), so that a pre-activation has variance ~1 for
-      unit-variance inputs; biases N(0, :data:`PLANTED_BIAS_STD`^2).
+    - Hidden layer 0: weights N(0, 1 / fan_in), so that a pre-activation has variance ~1 for
+      unit-variance inputs; hidden layer l >= 1: weights N(0, 1 / (fan_in m_l)), m_l the mean
+      square of layer l - 1's activations on standard Gaussian inputs, so that its
+      pre-activations have variance ~1 too; biases N(0, :data:`PLANTED_BIAS_STD`^2).
     - Output layer: weights N(0, 1) / sqrt(fan_in), redrawn while their magnitude is below
       :data:`PLANTED_MIN_OUTPUT_WEIGHT` / sqrt(fan_in), so no neuron is silent; biases as above.
     - With ``min_angle_degrees``, the incoming vectors [w; b] of the neurons of each hidden layer
@@ -668,13 +673,19 @@ def planted_teacher(
     rng = np.random.default_rng(seed)
     weights, biases = [], []
     fan_in = int(d_in)
+    # Unit-variance inputs feed layer 0; deeper layers get their weights rescaled so that their
+    # pre-activations have variance ~1 too (measured on a fixed Gaussian sample that does not touch
+    # ``rng``): otherwise a tanh layer on tanh outputs works in its nearly linear range and its
+    # neurons are barely identifiable.
+    sample = np.random.default_rng(12345).standard_normal((4096, int(d_in)))
+    gain = 1.0
     for l, width in enumerate(widths):
         accepted: list[np.ndarray] = []
         for _ in range(width):
             for _draw in range(_PLANTED_MAX_DRAWS):
                 v = np.concatenate(
                     [
-                        rng.standard_normal(fan_in) / np.sqrt(fan_in),
+                        gain * rng.standard_normal(fan_in) / np.sqrt(fan_in),
                         PLANTED_BIAS_STD * rng.standard_normal(1),
                     ]
                 )
@@ -692,6 +703,9 @@ def planted_teacher(
         weights.append(layer[:, :-1])
         biases.append(layer[:, -1])
         fan_in = width
+        with torch.no_grad():
+            sample = act.fn(torch.as_tensor(sample @ layer[:, :-1].T + layer[:, -1])).numpy()
+        gain = 1.0 / max(float(np.sqrt(np.mean(sample**2))), 1e-3)
     z = rng.standard_normal((int(d_out), fan_in))
     small = np.abs(z) < PLANTED_MIN_OUTPUT_WEIGHT
     while small.any():
