@@ -147,7 +147,7 @@ def test_recover_from_teacher_scores_alignment(tmp_path, capsys, queries):
     assert rep["teacher_sizes"] == [3]
     assert rep["alignment"][0]["max"] < 1e-3
     assert (out / "alignment.png").exists()
-    assert "recovered hidden width: [3] (teacher: [3])" in capsys.readouterr().out
+    assert "recovered hidden widths: [3] (teacher: [3])" in capsys.readouterr().out
 
 
 def test_cuda_device_without_gpu_is_a_user_error(tmp_path, capsys, queries):

@@ -275,11 +275,11 @@ def deep_alignment(
     out = []
     al = alignment(teacher.incoming(0), recovered.incoming(0), teacher.activation, input_mask)
     out.append({"layer": 0, **al})
+    # the recovered layer below, re-expressed in the teacher's coordinates (layer 0: as it is)
+    rb = _masked(recovered.incoming(0), input_mask, "recovered")
     for l in range(1, len(teacher.hidden_sizes)):
         t_below = teacher.incoming(l - 1)
-        r_below = recovered.incoming(l - 1)
-        mask = input_mask if l == 1 else None
-        tb, rb = _masked(t_below, mask, "teacher"), _masked(r_below, mask, "recovered")
+        tb = _masked(t_below, input_mask if l == 1 else None, "teacher")
         w_r, b_r = recovered.weights[l], recovered.biases[l].copy()
         cols = np.zeros((w_r.shape[0], t_below.shape[0]))
         for t, j in enumerate(out[-1]["matched"]):
@@ -300,4 +300,5 @@ def deep_alignment(
         mapped = np.concatenate([cols, b_r[:, None]], axis=1)
         al = alignment(teacher.incoming(l), mapped, teacher.activation, None)
         out.append({"layer": l, **al})
+        rb = mapped
     return out
