@@ -24,10 +24,10 @@ CLASSES = ["g", "tanh", "sigmoid", "softplus", "relu"]
 
 
 def main() -> int:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(allow_abbrev=False)  # --width must reach `recover`
     p.add_argument("out", type=Path)
     p.add_argument("--d-in", type=int, default=10)
-    p.add_argument("--widths", "--width", default="6", help="hidden widths, comma-separated")
+    p.add_argument("--widths", default="6", help="teacher hidden widths, comma-separated")
     p.add_argument("--n-queries", default="20000")
     p.add_argument("--d-out", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)

@@ -58,6 +58,11 @@ class RecoverConfig:
         has been put into them (then the polish of ``train``); None: ``train.max_epochs // 2``.
     layer_finetune_lr_factor : that fine-tune's Adam learning rate, as a fraction of ``train.lr``
         (the students start next to a solution; the reference fine-tunes at lr 1e-4).
+    layer_refine_iterations : deep networks: before a collapsed layer is put into the students,
+        the network made of the recovered layers and the best student's upper layers is
+        fine-tuned (L-BFGS, every weight) for this many iterations, so the layer the students
+        are then fed is as exact as the best student allows (0: no refinement; even_linear
+        classes skip it).
     device : "cpu" or "cuda" (student training; clustering and fine-tune run on the CPU).
     """
 
@@ -71,6 +76,7 @@ class RecoverConfig:
     finetune_iterations: int = 3000
     layer_finetune_epochs: int | None = None
     layer_finetune_lr_factor: float = 0.1
+    layer_refine_iterations: int = 1000
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -87,6 +93,8 @@ class RecoverConfig:
             raise ValueError("finetune_iterations: expected >= 0")
         if self.layer_finetune_epochs is not None and self.layer_finetune_epochs < 1:
             raise ValueError("layer_finetune_epochs: expected None or >= 1")
+        if self.layer_refine_iterations < 0:
+            raise ValueError("layer_refine_iterations: expected >= 0")
         if not 0.0 < self.layer_finetune_lr_factor <= 1.0:
             raise ValueError("layer_finetune_lr_factor: expected a value in (0, 1]")
 
@@ -526,8 +534,23 @@ def recover(
         layers.append(summary)
         if l < n_layers - 1:
             t0 = time.perf_counter()
-            plain.append(hidden_features(plain[l], v, act.name))
             upper = _insert_layer(ens, cl, lin_terms)
+            if cfg.layer_refine_iterations > 0 and not linear:
+                best = int(np.argmin(losses))
+                net = Network(
+                    [q[:, :-1] for q in prefix] + [w[best].numpy() for w in upper.weights],
+                    [q[:, -1] for q in prefix] + [b[best].numpy() for b in upper.biases],
+                    act.name,
+                )
+                ref = finetune(net, Xtr, Ytr, max_iterations=cfg.layer_refine_iterations)
+                prefix = [ref.network.incoming(i) for i in range(l + 1)]
+                plain = [Xtr] + _prefix_features(prefix, Xtr, act.name)[:l]
+                say(
+                    f"layer {l}: refined with student {best}'s upper layers, relative MSE "
+                    f"{ref.mse_before / output_variance(yt):.2e} -> "
+                    f"{ref.mse_after / output_variance(yt):.2e}"
+                )
+            plain.append(hidden_features(plain[l], prefix[l], act.name))
             u = np.concatenate([plain[l + 1], plain[l]], axis=1) if linear else plain[l + 1]
             ft_cfg = dataclasses.replace(
                 cfg.train,
