@@ -37,9 +37,7 @@ def main() -> int:
     widths = [int(w) for w in a.widths.split(",")]
     rows = []
     for act in a.activations:
-        teacher = planted_teacher(
-            a.d_in, widths, a.d_out, act, seed=a.seed, min_angle_degrees=20
-        )
+        teacher = planted_teacher(a.d_in, widths, a.d_out, act, seed=a.seed, min_angle_degrees=20)
         tpath = a.out / f"teacher_{act}.npz"
         save_network(teacher, tpath)
         run = a.out / act

@@ -553,3 +553,35 @@ def test_larger_layer():
     res = cluster_layer(p.incoming, p.outgoing, p.losses, "tanh")
     assert res.k_hat == 20
     assert np.all(res.labels.reshape(p.n_students, p.width)[p.is_junk] == -1)
+
+
+def _tree_with_tight_and_loose_clusters(n_tight: int, n_loose: int, size: int) -> np.ndarray:
+    """A UPGMA tree of points on a line: ``n_tight`` groups of ``size`` points spread 1e-11, then
+    ``n_loose`` groups spread 1e-3, groups 10 apart."""
+    rng = np.random.default_rng(0)
+    pts = []
+    for g in range(n_tight + n_loose):
+        spread = 1e-11 if g < n_tight else 1e-3
+        pts.append(10.0 * g + spread * rng.random(size))
+    x = np.concatenate(pts)[:, None]
+    return linkage(x, method="average")
+
+
+def test_persistent_max_cut_prefers_the_complete_partition():
+    # 4 tight clusters persist from ~1e-11 to ~1e-3 (8 decades), the 10 complete ones from ~1e-3
+    # to 10 (4 decades, at least half as long): longest_plateau stops at 4, persistent_max
+    # takes 10.
+    Z = _tree_with_tight_and_loose_clusters(4, 6, 12)
+    assert cut_tree(Z, 10, rule="longest_plateau").plateau_count == 4
+    cut = cut_tree(Z, 10, rule="persistent_max")
+    assert cut.plateau_count == 10
+    assert int(np.sum(np.bincount(cut.labels) >= 10)) == 10
+    # a plateau much shorter than the longest never wins, however many clusters it has
+    junk = _tree_with_tight_and_loose_clusters(0, 3, 12)
+    assert cut_tree(junk, 10, rule="persistent_max").plateau_count == 3
+
+
+def test_persistent_max_cut_ignores_junk_clumps():
+    p = Planted("tanh", seed=3, k=5, n_junk=15)
+    cfg = ClusterConfig(beta_degrees=90, cut_rule="persistent_max")
+    assert cluster_layer(p.incoming, p.outgoing, p.losses, "tanh", cfg).k_hat == p.k

@@ -9,6 +9,7 @@ traceback, and leave no output folder behind: a run writes into a temporary fold
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -499,6 +500,9 @@ def cmd_recover(args, log) -> int:
         ckpt_in = Checkpoint.find(args.resume)
         run = ckpt_in.load_run()
         cfg = RecoverConfig.from_dict(run["config"])
+        cfg = dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, progress=not args.quiet)
+        )
         if args.activation is not None and args.activation != cfg.activation:
             raise InputError(
                 f"--activation: the checkpoint's run used {cfg.activation!r}, not "
@@ -552,8 +556,6 @@ def cmd_recover(args, log) -> int:
 
 
 def cmd_cluster(args, log) -> int:
-    import dataclasses
-
     from .checkpoint import Checkpoint
     from .clustering import ClusterConfig
     from .recover import RecoverConfig
@@ -567,6 +569,7 @@ def cmd_cluster(args, log) -> int:
         old,
         cluster=ClusterConfig(gamma=args.gamma, beta_degrees=args.beta_degrees, metric=args.metric),
         finetune_iterations=max(0, args.finetune_iterations),
+        train=dataclasses.replace(old.train, progress=not args.quiet),
         device="cpu",
     )
     if cfg.cluster.gamma * cfg.train.n_students < 2:

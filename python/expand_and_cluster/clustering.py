@@ -54,7 +54,10 @@ _MAX_ANGLE_SAMPLE = 200
 _SIZE_ROUNDOFF = 1e-9
 
 _METRICS = ("cosine", "l2")
-_CUT_RULES = ("longest_plateau", "max_count")
+_CUT_RULES = ("longest_plateau", "max_count", "persistent_max")
+#: Rule "persistent_max": plateaus at least this fraction of the longest one (in decades of
+#: height) compete, and the one with the most clusters wins.
+_PERSISTENT_FRACTION = 0.5
 _BACKENDS = ("native", "scipy")
 
 
@@ -88,10 +91,11 @@ class ClusterConfig:
         "native": :func:`expand_and_cluster.ops.cosine_distances` and
         :func:`expand_and_cluster.ops.average_linkage` (C++ kernels); "scipy": their reference
         twins (torch distances, ``scipy.cluster.hierarchy.linkage``), slower, for cross-checks.
-    cut_rule : {"longest_plateau", "max_count"}
+    cut_rule : {"persistent_max", "longest_plateau", "max_count"}
         Where to cut the tree (see :func:`cut_tree`): inside the plateau of the number of clusters
-        of ``>= gamma * N`` members that spans the most decades of height (default), or inside the
-        first plateau of its maximum (the paper's rule, which junk neurons can mislead).
+        of ``>= gamma * N`` members with the most clusters among those that span at least half as
+        many decades of height as the longest one (default), inside the longest plateau, or inside
+        the first plateau of its maximum (the paper's rule, which junk neurons can mislead).
     cut_uses_beta : bool, default False (the paper's rule)
         When choosing the cut, count only big clusters whose mean pairwise distance is at most
         ``1 - cos(beta)`` (the distance of two vectors at angle beta), instead of every cluster of
@@ -112,7 +116,7 @@ class ClusterConfig:
     mask_tolerance: float = 1e-10
     linkage_backend: str = "native"
     cut_uses_beta: bool = False
-    cut_rule: str = "longest_plateau"
+    cut_rule: str = "persistent_max"
 
     def __post_init__(self) -> None:
         def number(name: str) -> float:
@@ -337,7 +341,11 @@ def cut_tree(
     the most persistent one, while junk neurons (students' spare neurons in random directions) can
     clump into more clusters of ``>= min_size`` members just below the root and win the
     "max_count" rule (seen on planted tanh teachers with 15 spare neurons per student: 12 clusters
-    kept for 5 teacher neurons). In both rules the cut
+    kept for 5 teacher neurons). ``rule="persistent_max"``: among the plateaus that span at least
+    half as many decades as the longest one, the one with the most clusters; it guards against
+    a long plateau of a few extremely tight clusters far below the height where the other
+    neurons' clusters complete (seen in the second hidden layer of the deep digits teacher: 4
+    clusters over 3.1 decades, 10, the teacher's width, over 3.0). In every rule the cut
     is the geometric midpoint ``h = sqrt(max(h_a, 1e-15) * h_b)``, clamped into ``[h_a, h_b)``
     (``h = h_a`` when the midpoint falls outside): the middle of the plateau on a log scale.
     Cutting at ``h_a`` itself (the paper's "first height of the maximum") stops as soon as the last
@@ -352,7 +360,8 @@ def cut_tree(
     linkage : ``[M-1, 4]`` float64 linkage matrix in scipy's format, heights non-decreasing (as
         UPGMA produces: it has no inversions), M >= 2.
     min_size : int >= 1, smallest size of a "big" cluster (``ceil(gamma * N)``).
-    rule : "longest_plateau" (default) or "max_count" (the paper's rule), see above.
+    rule : "longest_plateau" (default), "persistent_max" or "max_count" (the paper's rule), see
+        above.
     max_mean_distance : float or None
         If given, a cluster counts only if, besides its size, the mean distance over its pairs of
         members is ``<= max_mean_distance`` (see ``ClusterConfig.cut_uses_beta``). Exact for an
@@ -406,7 +415,7 @@ def cut_tree(
         first = int(np.argmax(group_counts == max_count))
         drops = np.flatnonzero(group_counts[first + 1 :] < max_count)
         end = first + 1 + drops[0] if drops.size else None
-    else:  # longest plateau of a constant, non-zero count on a log-height scale
+    else:  # (most clusters among the) longest plateau(s) of a constant, non-zero count
         starts = np.flatnonzero(np.append(True, group_counts[1:] != group_counts[:-1]))
         ends = np.append(starts[1:], -1)  # the group where the next plateau begins
         h_start = np.log(np.maximum(group_heights[starts], _TINY_HEIGHT))
@@ -415,6 +424,10 @@ def cut_tree(
         )
         length = np.where(group_counts[starts] > 0, h_end - h_start, -np.inf)
         best = int(np.argmax(length))
+        if rule == "persistent_max":
+            ok = length >= _PERSISTENT_FRACTION * length[best]
+            # most clusters among the persistent plateaus; ties: the longer one
+            best = int(np.lexsort((-length, -np.where(ok, group_counts[starts], -1)))[0])
         first = int(starts[best])
         end = int(ends[best]) if ends[best] >= 0 else None
     plateau_count = int(group_counts[first])
