@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from expand_and_cluster import metrics
 from expand_and_cluster.activations import get_activation
@@ -13,6 +14,7 @@ from expand_and_cluster.cli import main
 from expand_and_cluster.network import Network
 from expand_and_cluster.reconstruction import hidden_features, resolve_linear_signs
 from expand_and_cluster.recover import RecoverConfig, recover
+from expand_and_cluster.students import StudentEnsemble
 from expand_and_cluster.teacher import planted_teacher, probe, save_network
 from expand_and_cluster.training import TrainConfig
 
@@ -220,3 +222,75 @@ def test_cli_deep_run_resume_and_recluster(deep_tanh, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no checkpoint found" in err and "--hidden-layers" in err and "gamma * N" in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def _exact_students(teacher: Network, n_students: int, seed: int) -> StudentEnsemble:
+    """Students that compute the teacher exactly: every hidden layer holds the teacher's neurons
+    plus a duplicate of neuron 0 (outgoing weights split in two), in a random order per student."""
+    rng = np.random.default_rng(seed)
+    ws = [[] for _ in teacher.weights]
+    bs = [[] for _ in teacher.biases]
+    for _ in range(n_students):
+        w = [x.copy() for x in teacher.weights]
+        b = [x.copy() for x in teacher.biases]
+        for l in range(len(w) - 1):
+            w[l], b[l] = np.vstack([w[l], w[l][:1]]), np.append(b[l], b[l][0])
+            col = w[l + 1][:, :1] / 2
+            w[l + 1] = np.hstack([w[l + 1], col])
+            w[l + 1][:, :1] = col
+            perm = rng.permutation(w[l].shape[0])
+            w[l], b[l], w[l + 1] = w[l][perm], b[l][perm], w[l + 1][:, perm]
+        for l in range(len(w)):
+            ws[l].append(w[l])
+            bs[l].append(b[l])
+    return StudentEnsemble(
+        [torch.as_tensor(np.stack(w)) for w in ws],
+        [torch.as_tensor(np.stack(b)) for b in bs],
+        teacher.activation,
+    )
+
+
+@pytest.mark.parametrize("activation", ["relu", "softplus"])
+def test_even_linear_deep_path_from_exact_students(activation, tmp_path):
+    # Students that are exact copies of the teacher isolate the deep even_linear bookkeeping from
+    # training: canonical orientations that differ from the teacher's leave linear maps, which the
+    # students' skip inputs must carry and the sign resolution must remove again. The teacher is
+    # chosen so that some neurons' largest coordinate is negative (their canonical form flips).
+    teacher = planted_teacher(4, [3, 3], 2, activation, seed=7, min_angle_degrees=30)
+    flipped = [
+        int((np.take_along_axis(v, np.abs(v).argmax(1)[:, None], 1) < 0).sum())
+        for v in (teacher.incoming(0), teacher.incoming(1))
+    ]
+    assert min(flipped) >= 1  # the test exercises the resolution in both layers
+    X, Y = probe(teacher, 2000, "gaussian", seed=0)
+    cfg = RecoverConfig(
+        activation=activation,
+        hidden_layers=2,
+        width=4,
+        train=TrainConfig(n_students=4, max_epochs=1, polish_iterations=50, progress=False),
+        finetune_iterations=200,
+        layer_finetune_epochs=1,
+        layer_finetune_lr_factor=1e-6,
+    )
+    ckpt = Checkpoint(tmp_path / "c")
+    ckpt.save_run(cfg.to_dict(), X, Y, np.zeros(0, int), "test")
+    ens = _exact_students(teacher, 4, seed=1)
+    ckpt.save_stage(
+        "students",
+        {
+            **ens.to_arrays(),
+            "relative_mse": np.zeros(4),
+            "epochs": np.ones(4),
+            "final_lr": np.ones(4),
+        },
+        {"student_width": 4, "stop_reason": ["target"] * 4, "history": {}},
+    )
+    res = recover(X, Y, cfg, resume_from=ckpt, resume_layers=False)
+    assert res.network.hidden_sizes == [3, 3]
+    assert res.network.linear_weight is None  # no skip left in a deep network
+    for layer in res.layers:
+        # the students' short fine-tune (1 epoch, 50 L-BFGS iterations) moves them by ~1e-8
+        assert layer.sign_resolution is not None and layer.sign_resolution["residual"] < 1e-6
+    for al in metrics.deep_alignment(teacher, res.network):
+        assert al["max"] < 1e-10, al
+    assert res.relative_mse["train"] < 1e-12
