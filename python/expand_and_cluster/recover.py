@@ -337,10 +337,11 @@ def recover(
        L-BFGS polish);
     3. for each hidden layer l = 0 .. L - 1: cluster the students' layer l in the space of the
        already reconstructed layer l - 1 (the raw inputs for l = 0) and collapse it; unless it is
-       the last hidden layer, put the collapsed layer into all N students (each keeps its own
-       upper layers, fed by its summed outgoing weights, :func:`_insert_layer`) and fine-tune
-       their upper layers on the reconstructed layer's activations (the reconstructed layers are
-       frozen, so every student shares them exactly);
+       the last hidden layer, refine the reconstructed layers by fine-tuning them together with
+       the best student's upper layers (``layer_refine_iterations``), put the collapsed layer into
+       all N students (each keeps its own upper layers, fed by its summed outgoing weights,
+       :func:`_insert_layer`) and fine-tune their upper layers on the reconstructed layer's
+       activations (the reconstructed layers are frozen, so every student shares them exactly);
     4. output layer by least squares; final fine-tune of every weight (L-BFGS, then
        Levenberg-Marquardt when the Jacobian is small).
 

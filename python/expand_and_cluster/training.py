@@ -39,9 +39,6 @@ class TrainConfig:
     factor : learning-rate multiplier on a plateau (1/sqrt(10)).
     min_lr : a student stops when its learning rate falls below this.
     polish_iterations : batched L-BFGS iterations in float64 after Adam (0: none).
-    lm_iterations : Levenberg-Marquardt iterations per student after the polish (0: none), run
-        only when a student's Jacobian has at most ``lm_max_jacobian_entries`` entries (queries
-        x outputs x parameters). Small students then reach round-off where L-BFGS stalls.
     dtype : "float32" or "float64" for the Adam phase.
     seed : seeds initialisation and mini-batch order.
     progress : show a progress bar.
@@ -57,8 +54,6 @@ class TrainConfig:
     factor: float = 10.0**-0.5
     min_lr: float = 1e-7
     polish_iterations: int = 0
-    lm_iterations: int = 0
-    lm_max_jacobian_entries: float = 2e7
     dtype: str = "float32"
     seed: int = 0
     progress: bool = True
@@ -75,7 +70,6 @@ class TrainConfig:
             ("factor", 0 < self.factor < 1, "in (0, 1)"),
             ("min_lr", self.min_lr >= 0, ">= 0"),
             ("polish_iterations", self.polish_iterations >= 0, ">= 0"),
-            ("lm_iterations", self.lm_iterations >= 0, ">= 0"),
             ("dtype", self.dtype in _DTYPES, "'float32' or 'float64'"),
         ]
         for name, ok, expected in checks:
@@ -349,41 +343,7 @@ def _train_students(
     if cfg.polish_iterations > 0:
         ens = ens.to(dtype=torch.float64)
         rel = lbfgs_polish(ens, x, y, cfg.polish_iterations, progress=cfg.progress) / var_y
-    if cfg.lm_iterations > 0:
-        n_params = sum(int(p[0].numel()) for p in ens.params())
-        if n_params * y.numel() <= cfg.lm_max_jacobian_entries:
-            ens = ens.to(dtype=torch.float64)
-            rel = lm_polish(ens, x, y, cfg.lm_iterations) / var_y
     return TrainResult(ens, rel, epochs, reason, sched.lr.copy(), history, time.perf_counter() - t0)
-
-
-def lm_polish(
-    ens: StudentEnsemble, x: torch.Tensor, y: torch.Tensor, iterations: int
-) -> np.ndarray:
-    """Levenberg-Marquardt on each student in turn (float64, in place), from where it stands.
-
-    See :func:`expand_and_cluster.reconstruction.levenberg_marquardt`: a student is only
-    accepted steps that lower its own MSE, so none gets worse.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``[N]`` final MSE of each student (not relative).
-    """
-    from .reconstruction import RecoveredMLP, levenberg_marquardt
-
-    xs = x.to(dtype=torch.float64, device="cpu")
-    ys = y.to(dtype=torch.float64, device="cpu")
-    out = np.empty(ens.n_students)
-    for n in range(ens.n_students):
-        model = RecoveredMLP(ens.student(n))
-        out[n] = levenberg_marquardt(model, xs, ys, iterations)
-        with torch.no_grad():
-            for full, part in zip(ens.weights, model.weights):
-                full[n].copy_(part.to(full.device))
-            for full, part in zip(ens.biases, model.biases):
-                full[n].copy_(part.to(full.device))
-    return out
 
 
 def _write_back(ens: StudentEnsemble, cur: StudentEnsemble, active: np.ndarray) -> None:
