@@ -271,7 +271,9 @@ class _Output:
         else:
             print(
                 f"expand-and-cluster: checkpoints kept in {ckpt}; continue with: "
-                f"expand-and-cluster recover --resume {ckpt} --out {self.out}",
+                f"expand-and-cluster recover --resume {ckpt} --out {self.out} (or re-cluster "
+                f"the trained students: expand-and-cluster cluster --students {ckpt} --gamma ... "
+                f"--out ...)",
                 file=sys.stderr,
             )
 
