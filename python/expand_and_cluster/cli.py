@@ -261,12 +261,13 @@ class _Output:
             shutil.rmtree(self.out)
         os.replace(self.tmp, self.out)
 
-    def abort(self, user_error: bool) -> None:
+    def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
         ckpt = self.checkpoint
         if ckpt is None or not ckpt.is_dir():
             return
-        if user_error or not (ckpt / "students.json").is_file():
+        # Trained students are kept whatever went wrong (the folder may be the one resumed from).
+        if not (ckpt / "students.json").is_file():
             shutil.rmtree(ckpt, ignore_errors=True)  # nothing worth resuming
         else:
             print(
@@ -284,7 +285,7 @@ class _Output:
         if exc_type is None:
             self.commit()
         else:
-            self.abort(user_error=issubclass(exc_type, InputError))
+            self.abort()
 
 
 def _check_device(device: str) -> None:
@@ -368,14 +369,19 @@ def _run(
     t0 = time.perf_counter()
     ckpt = Checkpoint(_checkpoint_path(args.out))
     if resume_from is None or Path(resume_from.path).resolve() != ckpt.path.resolve():
+        # This run's own checkpoint folder: its inputs and config, then the stages it reuses.
         if ckpt.path.exists():
             shutil.rmtree(ckpt.path)
-        if resume_from is not None:  # continue in this run's own checkpoint folder
-            shutil.copytree(resume_from.path, ckpt.path)
+        _, held = split_queries(len(X), cfg.held_out_fraction, cfg.train.seed)
+        ckpt.save_run(cfg.to_dict(), X, Y, held, source, teacher)
+        if resume_from is not None:
+            stages = ["students"]
+            if resume_layers:
+                stages += [f"layer_{l}" for l in range(resume_from.last_layer() + 1)]
+            for stage in stages:
+                for ext in (".npz", ".json"):
+                    shutil.copy2(resume_from.path / f"{stage}{ext}", ckpt.path / f"{stage}{ext}")
             resume_from = ckpt
-        else:
-            _, held = split_queries(len(X), cfg.held_out_fraction, cfg.train.seed)
-            ckpt.save_run(cfg.to_dict(), X, Y, held, source, teacher)
     out.checkpoint = ckpt.path
     res = recover(
         X, Y, cfg, log=log, checkpoint=ckpt, resume_from=resume_from, resume_layers=resume_layers
@@ -511,20 +517,7 @@ def cmd_recover(args, log) -> int:
                 f"{args.activation!r}"
             )
         _check_device(cfg.device)
-        with _Output(args.out, args.force) as out:
-            rep = _run(
-                args,
-                cfg,
-                run["X"],
-                run["Y"],
-                run["source"],
-                run["teacher"],
-                out,
-                log,
-                resume_from=ckpt_in,
-            )
-        print(_summary(rep, args.out))
-        return 0
+        return _run_checkpointed(args, cfg, run, log, ckpt_in, resume_layers=True)
     if args.activation is None:
         raise InputError("--activation: required with --queries or --teacher")
     get_activation_checked(args.activation)
@@ -584,16 +577,13 @@ def cmd_cluster(args, log) -> int:
         f"{cfg.cluster.beta_degrees:g} degrees (was {old.cluster.gamma:g}, "
         f"{old.cluster.beta_degrees:g})"
     )
-    args.activation = cfg.activation
+    return _run_checkpointed(args, cfg, run, log, ckpt_in, resume_layers=False)
+
+
+def _run_checkpointed(args, cfg, run: dict, log, resume_from, resume_layers: bool) -> int:
+    """:func:`_run` on a checkpoint's queries and teacher (``Checkpoint.load_run``), starting
+    from its students and, with ``resume_layers``, its finished layers."""
     with _Output(args.out, args.force) as out:
-        ckpt = Checkpoint(_checkpoint_path(args.out))
-        if ckpt.path.exists():
-            shutil.rmtree(ckpt.path)
-        ckpt.save_run(
-            cfg.to_dict(), run["X"], run["Y"], run["held_out_index"], run["source"], run["teacher"]
-        )
-        for name in ("students.npz", "students.json"):
-            shutil.copy2(ckpt_in.path / name, ckpt.path / name)
         rep = _run(
             args,
             cfg,
@@ -603,8 +593,8 @@ def cmd_cluster(args, log) -> int:
             run["teacher"],
             out,
             log,
-            resume_from=ckpt,
-            resume_layers=False,
+            resume_from=resume_from,
+            resume_layers=resume_layers,
         )
     print(_summary(rep, args.out))
     return 0

@@ -104,12 +104,23 @@ class RecoverConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> RecoverConfig:
-        """Inverse of :meth:`to_dict`."""
-        d = dict(d)
-        d["cluster"] = ClusterConfig(**d["cluster"])
-        d["train"] = TrainConfig(**d["train"])
-        d["search"] = ExpansionSearchConfig(**d["search"])
-        return cls(**d)
+        """Inverse of :meth:`to_dict`.
+
+        Raises
+        ------
+        InputError
+            When ``d`` has missing or unknown fields (a checkpoint written by another version).
+        """
+        try:
+            d = dict(d)
+            d["cluster"] = ClusterConfig(**d["cluster"])
+            d["train"] = TrainConfig(**d["train"])
+            d["search"] = ExpansionSearchConfig(**d["search"])
+            return cls(**d)
+        except (KeyError, TypeError) as e:
+            raise InputError(
+                f"config: not a RecoverConfig of this version ({e}); rerun from the queries"
+            ) from None
 
 
 @dataclass
@@ -191,15 +202,17 @@ class LayerSummary:
             "seconds": self.seconds,
         }
 
-    def to_arrays(self, prefix: str) -> dict:
+    def to_arrays(self) -> dict:
+        """The tree arrays, keyed ``tree_linkage``, ``tree_counts``, ``tree_input_mask``."""
         return {
-            f"{prefix}linkage": self.linkage,
-            f"{prefix}counts": self.counts,
-            f"{prefix}input_mask": self.input_mask,
+            "tree_linkage": self.linkage,
+            "tree_counts": self.counts,
+            "tree_input_mask": self.input_mask,
         }
 
     @classmethod
-    def from_saved(cls, meta: dict, arrays, prefix: str) -> LayerSummary:
+    def from_saved(cls, meta: dict, arrays) -> LayerSummary:
+        """Inverse of :meth:`to_json` plus :meth:`to_arrays`."""
         rel = meta["students_relative_mse_after_finetune"]
         return cls(
             layer=meta["layer"],
@@ -210,9 +223,9 @@ class LayerSummary:
             dropped=meta["dropped_clusters"],
             n_dropped_singletons=meta["dropped_singletons"],
             min_size=meta["min_cluster_size"],
-            linkage=np.asarray(arrays[f"{prefix}linkage"]),
-            counts=np.asarray(arrays[f"{prefix}counts"]),
-            input_mask=np.asarray(arrays[f"{prefix}input_mask"], dtype=bool),
+            linkage=np.asarray(arrays["tree_linkage"]),
+            counts=np.asarray(arrays["tree_counts"]),
+            input_mask=np.asarray(arrays["tree_input_mask"], dtype=bool),
             students_relative_mse=None if rel is None else np.asarray(rel["per_student"]),
             sign_resolution=meta["sign_resolution"],
             seconds=meta["seconds"],
@@ -399,6 +412,7 @@ def recover(
         f"d_out {Y.shape[1]}; {int((~mask).sum())} input(s) masked (no variance); "
         f"{n_layers} hidden layer(s)"
     )
+    var_out = output_variance(yt)
     timings = {"search": 0.0, "train": 0.0, "cluster": 0.0, "finetune": 0.0}
     resumed = None
 
@@ -483,11 +497,10 @@ def recover(
         last = min(resume_from.last_layer(), n_layers - 1)
         for l in range(last + 1):
             arrays, meta = resume_from.load_stage(f"layer_{l}")
-            layers.append(LayerSummary.from_saved(meta["summary"], arrays, "tree_"))
+            layers.append(LayerSummary.from_saved(meta["summary"], arrays))
             if "below" in meta:
                 layers[l - 1].sign_resolution = meta["below"]["sign_resolution"]
-        if last >= 0:
-            arrays, _ = resume_from.load_stage(f"layer_{last}")
+        if last >= 0:  # ``arrays`` now holds the stage of layer ``last``
             prefix = [np.asarray(arrays[f"incoming_{i}"]) for i in range(last + 1)]
             plain = [Xtr] + _prefix_features(prefix, Xtr, act.name)
             if last < n_layers - 1:
@@ -521,16 +534,10 @@ def recover(
         lin_terms = cl.linear_terms if linear else None
         if linear and l > 0:
             # v is over [h_{l-1}; p_{l-1}; 1]: orient layer l - 1 so that no skip is left.
-            res = resolve_linear_signs(v, prefix[-1], act.linear_coefficient)
-            prefix[-1] = prefix[-1] * np.where(res.flipped, -1.0, 1.0)[:, None]
+            res = _orient_last_layer(v, prefix, layers, act.linear_coefficient, say)
             v = v @ res.transform.T
             lin_terms = lin_terms @ res.transform.T
-            layers[-1].sign_resolution = res.to_json()
             plain[l] = hidden_features(plain[l - 1], prefix[-1], act.name)
-            say(
-                f"layer {l - 1}: {int(res.flipped.sum())} neuron(s) flipped to remove the linear "
-                f"term (residual {res.residual:.1e})"
-            )
         prefix.append(v)
         layers.append(summary)
         if l < n_layers - 1:
@@ -548,8 +555,7 @@ def recover(
                 plain = [Xtr] + _prefix_features(prefix, Xtr, act.name)[:l]
                 say(
                     f"layer {l}: refined with student {best}'s upper layers, relative MSE "
-                    f"{ref.mse_before / output_variance(yt):.2e} -> "
-                    f"{ref.mse_after / output_variance(yt):.2e}"
+                    f"{ref.mse_before / var_out:.2e} -> {ref.mse_after / var_out:.2e}"
                 )
             plain.append(hidden_features(plain[l], prefix[l], act.name))
             u = np.concatenate([plain[l + 1], plain[l]], axis=1) if linear else plain[l + 1]
@@ -592,13 +598,7 @@ def recover(
         if act.symmetry.has_linear_term:
             w, b, theta = fit_output_layer(h, p, Ytr, linear_term=True)
             upper = np.concatenate([w, theta, b[:, None]], axis=1)
-            res = resolve_linear_signs(upper, prefix[-1], act.linear_coefficient)
-            prefix[-1] = prefix[-1] * np.where(res.flipped, -1.0, 1.0)[:, None]
-            layers[-1].sign_resolution = res.to_json()
-            say(
-                f"layer {n_layers - 1}: {int(res.flipped.sum())} neuron(s) flipped to remove the "
-                f"linear term (residual {res.residual:.1e})"
-            )
+            _orient_last_layer(upper, prefix, layers, act.linear_coefficient, say)
             h = hidden_features(p, prefix[-1], act.name)
         w, b, _ = fit_output_layer(h, p, Ytr, linear_term=False)
         initial = Network(
@@ -614,7 +614,6 @@ def recover(
         network = ft.network
         network.input_mask = mask
     timings["finetune"] += time.perf_counter() - t0
-    var_out = output_variance(yt)
     rmse = {
         "train": relative_mse(network.forward(Xtr), Ytr),
         "held_out": relative_mse(network.forward(X[held_idx]), Y[held_idx])
@@ -645,9 +644,25 @@ def recover(
     )
 
 
+def _orient_last_layer(
+    upper: np.ndarray, prefix: list[np.ndarray], layers: list[LayerSummary], coefficient, say
+):
+    """Flip the neurons of the last recovered layer ``prefix[-1]`` (in place) so that the layer
+    above, ``upper`` ``[m, k + q + 1]`` over ``[h; p; 1]``, needs no linear skip; record it in
+    ``layers[-1]``. Returns the :class:`~expand_and_cluster.reconstruction.SignResolution`."""
+    res = resolve_linear_signs(upper, prefix[-1], coefficient)
+    prefix[-1] = prefix[-1] * np.where(res.flipped, -1.0, 1.0)[:, None]
+    layers[-1].sign_resolution = res.to_json()
+    say(
+        f"layer {len(prefix) - 1}: {int(res.flipped.sum())} neuron(s) flipped to remove the "
+        f"linear term (residual {res.residual:.1e})"
+    )
+    return res
+
+
 def _save_layer(ckpt: Checkpoint, l: int, prefix, layers, ens, losses) -> None:
     arrays = {f"incoming_{i}": v for i, v in enumerate(prefix)}
-    arrays.update(layers[-1].to_arrays("tree_"))
+    arrays.update(layers[-1].to_arrays())
     if ens is not None:
         arrays.update(ens.to_arrays())
         arrays["relative_mse"] = np.asarray(losses)
