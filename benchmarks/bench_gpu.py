@@ -27,6 +27,8 @@ SIZES = {
     "mnist-784-256-10-N20-B512": (784, 256, 10, 20, 512),
 }
 WARMUP, REPEAT = 10, 50
+# torch.compile baselines (slow to compile: opt in with --compile)
+COMPILE = "--compile" in sys.argv
 
 
 def _problem(size, dev):
@@ -81,11 +83,116 @@ def _ours(ws, bs, x, y):
             out_loss=loss,
             check_finite=False,
         )
-        # no host sync per step: step is a device tensor (ops.adam_step still validates lr/step)
-        ops.adam_step(params, gw + gb, m, v, step_t, lr)
+        # no host sync per step: step is a device tensor, value checks off
+        ops.adam_step(params, gw + gb, m, v, step_t, lr, check_values=False)
         return loss
 
     return step, params
+
+
+def _ours_torchpath(ws, bs, x, y):
+    """ops' torch path (explicit backward with batched matmuls) + our Adam: the candidate
+    dispatch for widths where the fused kernel loses to cuBLAS."""
+    from expand_and_cluster.activations import get_activation
+
+    n = ws[0].shape[0]
+    act = get_activation("tanh")
+    params = [t.clone() for t in ws + bs]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    lr = torch.full((n,), 1e-3, device=x.device)
+    step_t = torch.zeros(n, dtype=torch.int64, device=x.device)
+    gw = [torch.empty_like(w) for w in ws]
+    gb = [torch.empty_like(b) for b in bs]
+    loss = torch.empty(n, device=x.device)
+
+    def step():
+        step_t.add_(1)
+        ops._mlp_mse_grad_torch(params[:2], params[2:], x, y, act, gw, gb, loss)
+        ops.adam_step(params, gw + gb, m, v, step_t, lr, check_values=False)
+        return loss
+
+    return step, params
+
+
+def _graphed(make, steps=10):
+    """``make``'s step captured in a CUDA graph (``steps`` steps per replay), timed per step."""
+
+    def wrapped(ws, bs, x, y):
+        step, params = make(ws, bs, x, y)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):  # warm-up outside the graph (allocator, lazy init)
+                step()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(steps):
+                step()
+        return graph.replay, params
+
+    return wrapped, steps
+
+
+def _grad_only(ws, bs, x, y):
+    gw = [torch.empty_like(w) for w in ws]
+    gb = [torch.empty_like(b) for b in bs]
+    loss = torch.empty(ws[0].shape[0], device=x.device)
+
+    def step():
+        ops.mlp_mse_grad(
+            ws,
+            bs,
+            x,
+            y,
+            "tanh",
+            out_grad_weights=gw,
+            out_grad_biases=gb,
+            out_loss=loss,
+            check_finite=False,
+        )
+
+    return step, None
+
+
+def _adam_only(ws, bs, x, y):
+    n = ws[0].shape[0]
+    params = [t.clone() for t in ws + bs]
+    g = [torch.randn_like(p) for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    lr = torch.full((n,), 1e-3, device=x.device)
+    step_t = torch.ones(n, dtype=torch.int64, device=x.device)
+
+    def step():
+        ops.adam_step(params, g, m, v, step_t, lr, check_values=False)
+
+    return step, None
+
+
+def _cublas_products(ws, bs, x, y):
+    """The matrix products of one forward + backward pass (no activation, no Adam) as cuBLAS
+    calls through torch: the FLOP-rate yardstick of the MNIST-size target."""
+    w0, w1 = ws
+    n = w0.shape[0]
+    xb = x.expand(n, *x.shape)
+    d = torch.randn(n, x.shape[0], w1.shape[1], device=x.device)
+
+    def step():
+        h = torch.bmm(xb, w0.transpose(1, 2))
+        torch.bmm(h, w1.transpose(1, 2))
+        torch.bmm(d.transpose(1, 2), h)  # grad W1
+        dh = torch.bmm(d, w1)  # back to the hidden layer
+        torch.bmm(dh.transpose(1, 2), xb)  # grad W0
+
+    return step, None
+
+
+def _flops(size):
+    """Multiply-adds x 2 of one forward + backward pass of all students (dX of layer 0 skipped)."""
+    d_in, w, d_out, n, b = SIZES[size]
+    return 2.0 * n * b * (2 * d_in * w + 3 * w * d_out)
 
 
 IMPLS = {
@@ -93,6 +200,14 @@ IMPLS = {
     "einsum": _torch_step(LOSSES["einsum"]),
     "bmm": _torch_step(LOSSES["bmm"]),
     "vmap": _torch_step(LOSSES["vmap"]),
+}
+EXTRA = {
+    "ours_graph": _graphed(_ours),
+    "torchpath": (_ours_torchpath, 1),
+    "torchpath_graph": _graphed(_ours_torchpath),
+    "ours_grad_only": (_grad_only, 1),
+    "ours_adam_only": (_adam_only, 1),
+    "cublas_products": (_cublas_products, 1),
 }
 
 
@@ -118,7 +233,7 @@ def _check(size, dev):
         assert err < 1e-4, f"{size}: ours disagrees with autograd (rel. error {err:.2e})"
 
 
-def main(path="bench_gpu.json"):
+def main(path="bench_gpu.json", *_):
     dev = torch.device("cuda")
     rows, results = [], {"gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__}
     for size in SIZES:
@@ -128,6 +243,24 @@ def main(path="bench_gpu.json"):
             ws, bs, x, y = _problem(size, dev)
             step, _ = make(ws, bs, x, y)
             times[name] = _time(step)
+        for name, (make, per) in EXTRA.items():
+            ws, bs, x, y = _problem(size, dev)
+            try:
+                step, _ = make(ws, bs, x, y)
+                times[name] = _time(step) / per
+            except Exception as e:  # a failed extra row must not lose the table
+                print(f"{size} {name}: failed: {e!r}")
+        if COMPILE:
+            for name in ("einsum", "bmm"):
+                ws, bs, x, y = _problem(size, dev)
+                try:
+                    loss_fn = torch.compile(LOSSES[name])
+                    step, _ = _torch_step(loss_fn)(ws, bs, x, y)
+                    times[name + "_compiled"] = _time(step)
+                except Exception as e:
+                    print(f"{size} {name} compiled: failed: {e!r}")
+        times["gflops_ours"] = _flops(size) / times["ours"] / 1e6
+        times["gflops_cublas_products"] = _flops(size) / times.get("cublas_products", 1e30) / 1e6
         fastest = min(t for k, t in times.items() if k != "ours")
         rows.append((size, times, times["einsum"] / times["ours"], fastest / times["ours"]))
         results[size] = times
@@ -139,7 +272,9 @@ def main(path="bench_gpu.json"):
     u = v.double() / v.double().norm(dim=1, keepdim=True)
     t_ours = _time(lambda: ops.cosine_distances(v))
     t_mm = _time(lambda: u @ u.T)
-    results["cosine-M20000-D785"] = {"ours": t_ours, "matmul_f64": t_mm}
+    u32 = u.float()
+    t_mm32 = _time(lambda: u32 @ u32.T)
+    results["cosine-M20000-D785"] = {"ours": t_ours, "matmul_f64": t_mm, "matmul_f32": t_mm32}
     print(f"GPU: {results['gpu']}  torch {results['torch']}  (ms per call, float32)")
     print(
         f"{'size':32s} {'ours':>8s} {'einsum':>8s} {'bmm':>8s} {'vmap':>8s} "
@@ -150,9 +285,27 @@ def main(path="bench_gpu.json"):
             f"{size:32s} {t['ours']:8.3f} {t['einsum']:8.3f} {t['bmm']:8.3f} {t['vmap']:8.3f} "
             f"{r1:12.1f} {r2:10.1f}"
         )
+    extra = [
+        k
+        for k in (
+            "ours_graph",
+            "torchpath",
+            "torchpath_graph",
+            "ours_grad_only",
+            "ours_adam_only",
+            "cublas_products",
+            "einsum_compiled",
+            "bmm_compiled",
+        )
+    ]
+    print("extra rows (ms per step):")
+    print(f"{'size':32s} " + " ".join(f"{k[:15]:>15s}" for k in extra) + "  GFLOP/s ours/cuBLAS")
+    for size, t, _, _ in rows:
+        cells = " ".join(f"{t[k]:15.4f}" if k in t else f"{'-':>15s}" for k in extra)
+        print(f"{size:32s} {cells}  {t['gflops_ours']:.0f}/{t['gflops_cublas_products']:.0f}")
     print(
         f"{'cosine M=20000 D=785':32s} {t_ours:8.3f}   torch f64 matmul {t_mm:8.3f}   "
-        f"ratio {t_ours / t_mm:.2f}"
+        f"ratio {t_ours / t_mm:.2f}   (f32 matmul {t_mm32:.3f})"
     )
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
@@ -160,4 +313,4 @@ def main(path="bench_gpu.json"):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:2])
+    main(*[a for a in sys.argv[1:2] if not a.startswith("--")])

@@ -148,7 +148,13 @@ def _add_method_options(p: argparse.ArgumentParser, students_default: int = 20) 
         default="float32",
         help="dtype of the Adam phase (polish and fine-tune are float64)",
     )
-    g.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    g.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where students train (default auto: cuda when this build has CUDA kernels and "
+        "torch sees a GPU, else cpu)",
+    )
     _add_output_options(p)
 
 
@@ -288,6 +294,17 @@ class _Output:
             self.abort()
 
 
+def _resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when the build has CUDA kernels and torch sees a GPU, else ``cpu``."""
+    if device != "auto":
+        return device
+    import torch
+
+    from . import backends
+
+    return "cuda" if "cuda" in backends() and torch.cuda.is_available() else "cpu"
+
+
 def _check_device(device: str) -> None:
     if device == "cuda":
         import torch
@@ -304,6 +321,7 @@ def _check_device(device: str) -> None:
 
 
 def _configs(args, hidden_layers: int = 1):
+    args.device = _resolve_device(args.device)
     _check_device(args.device)
     from .clustering import ClusterConfig
     from .recover import RecoverConfig

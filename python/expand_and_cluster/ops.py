@@ -412,6 +412,8 @@ def adam_step(
     beta1: float = 0.9,
     beta2: float = 0.999,
     eps: float = 1e-8,
+    *,
+    check_values: bool = True,
 ) -> None:
     """One Adam update, in place, with a learning rate (and step count) per student.
 
@@ -428,6 +430,10 @@ def adam_step(
     step : the step number t of this update (>= 1), an int or an int64 tensor ``[N]``.
     lr : ``[N]`` learning rates, the dtype of ``params`` (>= 0).
     beta1, beta2 : in [0, 1). eps : > 0.
+    check_values : check the values of ``lr`` (finite, >= 0) and ``step`` (>= 1). On CUDA each
+        check reads a flag back to the host, a synchronisation per call: training loops that
+        validated their learning rates once pass False. Shapes, dtypes and devices are always
+        checked (no synchronisation).
 
     Raises
     ------
@@ -451,7 +457,7 @@ def adam_step(
     dtype, device, n = lr.dtype, lr.device, lr.shape[0]
     if n < 1:
         raise ValueError("lr: expected shape [N] with N >= 1")
-    if bool(torch.isnan(lr).any()) or bool((lr < 0).any()):
+    if check_values and (bool(torch.isnan(lr).any()) or bool((lr < 0).any())):
         raise ValueError("lr: expected finite learning rates >= 0")
     if isinstance(step, torch.Tensor):
         if step.dtype != torch.int64 or step.dim() != 1 or step.shape[0] != n:
@@ -461,7 +467,7 @@ def adam_step(
         step_t = step
     else:
         step_t = torch.full((n,), int(step), dtype=torch.int64, device=device)
-    if bool((step_t < 1).any()):
+    if check_values and bool((step_t < 1).any()):
         raise ValueError("step: expected step numbers >= 1")
     numels = []
     for i in range(k):
@@ -483,14 +489,16 @@ def adam_step(
         if p.shape[0] != n:
             raise ValueError(f"params[{i}]: expected {n} students (lr has {n}), got {p.shape[0]}")
         numels.append(p[0].numel() if n else 0)
-    if k == 0:
+    # Empty tensors have nothing to update (and may have a null data pointer): left out.
+    live = [i for i in range(k) if numels[i] > 0]
+    if not live:
         return
     _lib().adam_step(
-        [p.data_ptr() for p in params],
-        [g.data_ptr() for g in grads],
-        [m.data_ptr() for m in exp_avg],
-        [v.data_ptr() for v in exp_avg_sq],
-        numels,
+        [params[i].data_ptr() for i in live],
+        [grads[i].data_ptr() for i in live],
+        [exp_avg[i].data_ptr() for i in live],
+        [exp_avg_sq[i].data_ptr() for i in live],
+        [numels[i] for i in live],
         n,
         lr.data_ptr(),
         step_t.data_ptr(),

@@ -270,7 +270,7 @@ def _train_students(
                 check_finite=False,
             )
             step += 1
-            ops.adam_step(cur.params(), gw + gb, m, v, step, lr_t)
+            ops.adam_step(cur.params(), gw + gb, m, v, step, lr_t, check_values=False)
             epoch_loss = loss_buf.to(torch.float64).cpu().numpy()
         else:
             perm = torch.randperm(n_queries, generator=gen).to(device)
@@ -290,7 +290,7 @@ def _train_students(
                     check_finite=False,
                 )
                 step += 1
-                ops.adam_step(cur.params(), gw + gb, m, v, step, lr_t)
+                ops.adam_step(cur.params(), gw + gb, m, v, step, lr_t, check_values=False)
                 acc += loss_buf.to(torch.float64) * idx.shape[0]
             epoch_loss = (acc / n_queries).cpu().numpy()
         if not np.isfinite(epoch_loss).all():
