@@ -77,8 +77,10 @@ cp "$work/demo/report.json" "$out/demo_report.json" 2>/dev/null || true
 cat >"$work/one_call_each.py" <<'PY'
 import torch
 from expand_and_cluster import ops
+ops.CUDA_TORCH_PATH_MIN_LAYER_SIZE = 10**9  # the fused kernel at every size below
 dev = "cuda"
-for dtype in (torch.float32, torch.float64):
+for version, dtype in [(v, t) for v in (1, 2) for t in (torch.float32, torch.float64)]:
+    ops.set_cuda_kernel_version(version)
     g = torch.Generator().manual_seed(0)
     widths = [5, 33, 17, 3]
     ws = [torch.randn(3, widths[l + 1], widths[l], generator=g).to(dev, dtype) for l in range(3)]

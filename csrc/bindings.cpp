@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -240,6 +241,19 @@ void set_num_threads(int n) {
 
 }  // namespace
 
+namespace eac {
+namespace {
+std::atomic<int> g_cuda_kernel_version{2};
+}
+void set_cuda_kernel_version(int version) {
+  if (version != 1 && version != 2)
+    throw std::invalid_argument("set_cuda_kernel_version: expected 1 or 2, got " +
+                                std::to_string(version));
+  g_cuda_kernel_version.store(version);
+}
+int cuda_kernel_version() { return g_cuda_kernel_version.load(); }
+}  // namespace eac
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "expand-and-cluster compiled kernels (raw-pointer API; use expand_and_cluster.ops)";
   m.attr("__version__") = EAC_VERSION;
@@ -274,4 +288,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("backends", &backends);
   m.def("num_threads", &num_threads);
   m.def("set_num_threads", &set_num_threads);
+  m.def("set_cuda_kernel_version", &eac::set_cuda_kernel_version, py::arg("version"));
+  m.def("cuda_kernel_version", &eac::cuda_kernel_version);
 }

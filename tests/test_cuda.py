@@ -42,11 +42,20 @@ def _cuda(ts):
     return [t.cuda() for t in ts]
 
 
+@pytest.fixture(params=[1, 2], ids=["v1", "v2"])
+def kernel_version(request):
+    """Runs the test under each variant of the CUDA kernels (ops.set_cuda_kernel_version)."""
+    before = ops.cuda_kernel_version()
+    ops.set_cuda_kernel_version(request.param)
+    yield request.param
+    ops.set_cuda_kernel_version(before)
+
+
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("widths,n,b", SHAPES)
-def test_mlp_cuda_matches_cpu_and_reference(activation, widths, n, b, dtype):
+def test_mlp_cuda_matches_cpu_and_reference(activation, widths, n, b, dtype, kernel_version):
     ws, bs, x, y = _data(widths, n, b, dtype)
     loss_c, gw_c, gb_c = ops.mlp_mse_grad(ws, bs, x, y, activation)
     out_c = ops.mlp_forward(ws, bs, x, activation)
@@ -73,7 +82,7 @@ def test_mlp_cuda_matches_cpu_and_reference(activation, widths, n, b, dtype):
 
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-def test_mlp_cuda_deterministic_and_on_current_stream(dtype):
+def test_mlp_cuda_deterministic_and_on_current_stream(dtype, kernel_version):
     ws, bs, x, y = _data([6, 65, 40, 3], 5, 2000, dtype)
     ws, bs, x, y = _cuda(ws), _cuda(bs), x.cuda(), y.cuda()
     first = ops.mlp_mse_grad(ws, bs, x, y, "tanh")
@@ -90,8 +99,10 @@ def test_mlp_cuda_deterministic_and_on_current_stream(dtype):
 
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-def test_mlp_cuda_wide_layers_use_the_global_memory_path(dtype):
-    # 784-256-10 tile buffers exceed any GPU's shared memory per block: the generic path.
+def test_mlp_cuda_wide_layers_use_the_global_memory_path(dtype, kernel_version, monkeypatch):
+    # 784-256-10 tile buffers exceed any GPU's shared memory per block: the generic path (the ops
+    # dispatch such sizes to cuBLAS; the threshold is lifted to reach the kernel).
+    monkeypatch.setattr(ops, "CUDA_TORCH_PATH_MIN_LAYER_SIZE", 10**9)
     ws, bs, x, y = _data([784, 256, 10], 2, 77, dtype)
     loss, gw, gb = ops.mlp_mse_grad(_cuda(ws), _cuda(bs), x.cuda(), y.cuda(), "relu")
     rloss, rgw, rgb = ops.mlp_mse_grad_reference(
@@ -128,7 +139,7 @@ def test_adam_cuda_matches_cpu(n, shapes, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("absolute", [False, True])
 @pytest.mark.parametrize("m,d", [(1, 1), (2, 3), (65, 7), (129, 785), (33, 1)])
-def test_cosine_distances_cuda_matches_cpu(m, d, absolute, dtype):
+def test_cosine_distances_cuda_matches_cpu(m, d, absolute, dtype, kernel_version):
     g = torch.Generator().manual_seed(m * 1000 + d)
     v = torch.randn(m, d, generator=g, dtype=torch.float64).to(dtype)
     if m > 2:
@@ -192,6 +203,22 @@ def test_recover_on_cuda_recovers_a_planted_teacher(deep):
     assert res.relative_mse["held_out"] <= 1e-4
 
 
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_mlp_cuda_large_layers_dispatch_to_the_torch_path(dtype):
+    widths = [300, 120, 3]  # 36,000 weights in the first layer: above the CUDA threshold
+    assert ops.uses_torch_path(widths, "cuda") and not ops.uses_torch_path([64, 64, 10], "cuda")
+    ws, bs, x, y = _data(widths, 2, 50, dtype)
+    loss, gw, gb = ops.mlp_mse_grad(_cuda(ws), _cuda(bs), x.cuda(), y.cuda(), "gelu")
+    rloss, rgw, rgb = ops.mlp_mse_grad_reference(
+        [w.double() for w in ws], [v.double() for v in bs], x.double(), y.double(), "gelu"
+    )
+    tol = RTOL[dtype]
+    assert rel(loss.cpu().double(), rloss) < tol
+    for a, r in zip(gw + gb, rgw + rgb):
+        assert rel(a.cpu().double(), r) < tol
+
+
 def test_backends_report_cuda_iff_compiled():
     from expand_and_cluster import _C
 
@@ -210,3 +237,16 @@ def test_backends_report_cuda_iff_compiled():
         assert "CUDA" in str(e)
     else:
         assert nbytes > 0
+
+
+def test_cuda_kernel_version_is_validated_and_restored():
+    before = ops.cuda_kernel_version()
+    assert before in (1, 2)
+    with pytest.raises(ValueError, match="version"):
+        ops.set_cuda_kernel_version(3)
+    ops.set_cuda_kernel_version(1)
+    try:
+        assert ops.cuda_kernel_version() == 1
+    finally:
+        ops.set_cuda_kernel_version(before)
+    assert ops.cuda_kernel_version() == before

@@ -46,6 +46,12 @@ void mlp_mse_grad_cpu(const MlpParams& p);
 // needs no CUDA include. Work is enqueued on the stream and not waited for. `workspace` is scratch
 // device memory of at least the bytes the matching *_workspace_bytes(p) returns (which reads
 // p.device, the shapes and the dtype only). Errors throw std::runtime_error with CUDA's message.
+//
+// Kernel variant (process-wide; the CPU kernels ignore it): 2, the default, register-tiled kernels
+// that keep each block's gradient sums in shared memory; 1, the first and simplest kernels, kept
+// as a reference and fallback. Both compute the same sums, in different orders.
+void set_cuda_kernel_version(int version);
+int cuda_kernel_version();
 size_t mlp_forward_cuda_workspace_bytes(const MlpParams& p);
 void mlp_forward_cuda(const MlpParams& p, void* workspace, size_t workspace_bytes, void* stream);
 size_t mlp_mse_grad_cuda_workspace_bytes(const MlpParams& p);

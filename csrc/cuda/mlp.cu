@@ -64,6 +64,7 @@ struct Args {
   int64_t off_z[kMaxLinearLayers];
   int64_t off_d0, off_d1;
   int64_t scratch;  // elements of T per block
+  int64_t off_g;    // version 2: offset (elements) of the block's gradient sums [P] in shared memory
   T* gscratch;      // [items][scratch] in global memory, or nullptr: use shared memory
   // Gradient partials: [items][P], one student's gradient flattened layer by layer (w then b).
   T* part;
@@ -79,6 +80,10 @@ struct Plan {
   Args<T> a{};
   bool use_shared = false;
   size_t smem_bytes = 0;  // dynamic shared memory per block
+  // Version 2 runs when the tile buffers and (with gradients) the block's gradient sums fit in
+  // shared memory together; it needs smem_bytes_v2 of dynamic shared memory.
+  bool v2 = false;
+  size_t smem_bytes_v2 = 0;
   int64_t items = 0;
   size_t part_off = 0, ploss_off = 0, gscratch_off = 0, total = 0;
 };
@@ -135,6 +140,14 @@ Plan<T> make_plan(const MlpParams& p, bool grad) {
     a.P += int64_t(p.widths[l + 1]) * p.widths[l];
     a.off_b[l] = a.P;
     a.P += p.widths[l + 1];
+  }
+  {
+    const size_t grad_bytes = grad ? size_t(a.P) * sizeof(T) : 0;
+    const size_t g_off = align_up(scratch_bytes);
+    a.off_g = int64_t(g_off / sizeof(T));
+    pl.smem_bytes_v2 = g_off + grad_bytes;
+    pl.v2 = cuda_kernel_version() >= 2 &&
+            pl.smem_bytes_v2 + static_smem <= size_t(max_optin_smem(p.device));
   }
   // Chunking.
   const int64_t B = p.batch;
@@ -290,6 +303,254 @@ __global__ void __launch_bounds__(kThreads) mlp_kernel(const Args<T> a) {
   if (tid == 0) a.ploss[item] = red[0];
 }
 
+// ---- version 2: register-tiled phases, gradient sums in shared memory ----------------------
+//
+// Same items, tiles and buffers as mlp_kernel, and the same sums in the same order (each output,
+// gradient entry and back-propagated error is summed over the same index in the same sequence),
+// but each thread computes a small tile of outputs, so one shared-memory read feeds several
+// FMAs, and the block's gradient sums stay in shared memory across its tiles (written to the
+// workspace once, at the end, instead of a global read-modify-write per tile).
+//
+// Mappings (u = a thread's work unit, looped with stride blockDim.x):
+// - forward / back-propagation: MO outputs (or MI inputs) x MT rows; rows t = tg + TG j with
+//   TG = kRows / MT, so the lanes of a warp read consecutive rows of a feature (distinct banks);
+//   outputs o = og + OG k (strided), so a warp reads few distinct weights (broadcasts).
+// - weight gradient: MO x MI entries, o = og + OG k and i = ig + IG k (strided), so the lanes of
+//   a warp read rows of distinct features (distinct banks thanks to the odd kStride).
+
+template <typename T, Act A, int MO, int MT, bool kGrad>
+__device__ __forceinline__ void v2_forward(const Args<T>& a, int l, int n, int64_t row0, int tb,
+                                           T* buf) {
+  constexpr int TG = kRows / MT;
+  const int in = a.widths[l], out = a.widths[l + 1];
+  const int L = a.n_linear;
+  const T* __restrict W = a.w[l] + int64_t(n) * out * in;
+  const T* __restrict bb = a.b[l] + int64_t(n) * out;
+  const T* al = buf + a.off_a[l];
+  T* zl = buf + a.off_z[l];
+  const bool hidden = l + 1 < L;
+  T* an = hidden ? buf + a.off_a[l + 1] : nullptr;
+  const int OG = (out + MO - 1) / MO;
+  for (int u = threadIdx.x; u < OG * TG; u += blockDim.x) {
+    const int og = u / TG, tg = u % TG;
+    T acc[MO][MT];
+#pragma unroll
+    for (int k = 0; k < MO; ++k) {
+      const int o = og + OG * k;
+      const T bv = o < out ? bb[o] : T(0);
+#pragma unroll
+      for (int j = 0; j < MT; ++j) acc[k][j] = bv;
+    }
+    for (int i = 0; i < in; ++i) {
+      T av[MT], wv[MO];
+#pragma unroll
+      for (int j = 0; j < MT; ++j) av[j] = al[i * kStride + tg + TG * j];
+#pragma unroll
+      for (int k = 0; k < MO; ++k) {
+        const int o = og + OG * k;
+        wv[k] = o < out ? W[int64_t(o) * in + i] : T(0);
+      }
+#pragma unroll
+      for (int k = 0; k < MO; ++k)
+#pragma unroll
+        for (int j = 0; j < MT; ++j) acc[k][j] += wv[k] * av[j];
+    }
+#pragma unroll
+    for (int k = 0; k < MO; ++k) {
+      const int o = og + OG * k;
+      if (o >= out) continue;
+#pragma unroll
+      for (int j = 0; j < MT; ++j) {
+        const int t = tg + TG * j;
+        zl[o * kStride + t] = acc[k][j];
+        if (hidden) an[o * kStride + t] = ActOp<A, T>::f(acc[k][j]);
+        if (!kGrad && !hidden && t < tb)
+          a.out[(int64_t(n) * a.batch + row0 + t) * out + o] = acc[k][j];
+      }
+    }
+  }
+}
+
+// gw[o][i] += sum_{t < tb} d[o][t] a[i][t] (gw in shared memory, [out][in]).
+template <typename T, int MO, int MI>
+__device__ __forceinline__ void v2_weight_grad(const T* d, const T* al, int in, int out, int tb,
+                                               T* gw) {
+  const int OG = (out + MO - 1) / MO, IG = (in + MI - 1) / MI;
+  for (int u = threadIdx.x; u < OG * IG; u += blockDim.x) {
+    const int og = u / IG, ig = u % IG;
+    // Rows of features beyond the layer are clamped to its last one (in bounds; never summed).
+    const T* dr[MO];
+    const T* ar[MI];
+#pragma unroll
+    for (int k = 0; k < MO; ++k) dr[k] = d + min(og + OG * k, out - 1) * kStride;
+#pragma unroll
+    for (int k = 0; k < MI; ++k) ar[k] = al + min(ig + IG * k, in - 1) * kStride;
+    T acc[MO][MI];
+#pragma unroll
+    for (int k = 0; k < MO; ++k)
+#pragma unroll
+      for (int q = 0; q < MI; ++q) acc[k][q] = T(0);
+    for (int t = 0; t < tb; ++t) {
+      T dv[MO], av[MI];
+#pragma unroll
+      for (int k = 0; k < MO; ++k) dv[k] = dr[k][t];
+#pragma unroll
+      for (int q = 0; q < MI; ++q) av[q] = ar[q][t];
+#pragma unroll
+      for (int k = 0; k < MO; ++k)
+#pragma unroll
+        for (int q = 0; q < MI; ++q) acc[k][q] += dv[k] * av[q];
+    }
+#pragma unroll
+    for (int k = 0; k < MO; ++k) {
+      const int o = og + OG * k;
+#pragma unroll
+      for (int q = 0; q < MI; ++q) {
+        const int i = ig + IG * q;
+        if (o < out && i < in) gw[o * in + i] += acc[k][q];
+      }
+    }
+  }
+}
+
+// dprev[i][t] = (sum_o W[o][i] d[o][t]) * act'(z[i][t], a[i][t]) for t < tb, 0 on the padding.
+template <typename T, Act A, int MI, int MT>
+__device__ __forceinline__ void v2_backprop(const T* __restrict W, const T* d, const T* zp,
+                                            const T* ap, int in, int out, int tb, T* dnext) {
+  constexpr int TG = kRows / MT;
+  const int IG = (in + MI - 1) / MI;
+  for (int u = threadIdx.x; u < IG * TG; u += blockDim.x) {
+    const int ig = u / TG, tg = u % TG;
+    T acc[MI][MT];
+#pragma unroll
+    for (int k = 0; k < MI; ++k)
+#pragma unroll
+      for (int j = 0; j < MT; ++j) acc[k][j] = T(0);
+    for (int o = 0; o < out; ++o) {
+      T dv[MT], wv[MI];
+#pragma unroll
+      for (int j = 0; j < MT; ++j) dv[j] = d[o * kStride + tg + TG * j];
+#pragma unroll
+      for (int k = 0; k < MI; ++k) {
+        const int i = ig + IG * k;
+        wv[k] = i < in ? W[int64_t(o) * in + i] : T(0);
+      }
+#pragma unroll
+      for (int k = 0; k < MI; ++k)
+#pragma unroll
+        for (int j = 0; j < MT; ++j) acc[k][j] += wv[k] * dv[j];
+    }
+#pragma unroll
+    for (int k = 0; k < MI; ++k) {
+      const int i = ig + IG * k;
+      if (i >= in) continue;
+#pragma unroll
+      for (int j = 0; j < MT; ++j) {
+        const int t = tg + TG * j;
+        dnext[i * kStride + t] =
+            t < tb ? acc[k][j] * ActOp<A, T>::df(zp[i * kStride + t], ap[i * kStride + t]) : T(0);
+      }
+    }
+  }
+}
+
+template <typename T, Act A, bool kGrad>
+__global__ void __launch_bounds__(kThreads) mlp_kernel_v2(const Args<T> a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ double red[kThreads];
+  const int tid = threadIdx.x;
+  const int64_t item = blockIdx.x;
+  const int n = int(item / a.n_chunks);
+  const int64_t c = item % a.n_chunks;
+  const int L = a.n_linear;
+  const int64_t B = a.batch;
+  const int d_in = a.widths[0], d_out = a.widths[L];
+  T* buf = reinterpret_cast<T*>(smem_raw);
+  T* g = kGrad ? buf + a.off_g : nullptr;
+  if (kGrad)
+    for (int64_t k = tid; k < a.P; k += blockDim.x) g[k] = T(0);
+  double loss_acc = 0.0;
+
+  const int64_t t_end =
+      (c + 1) * a.tiles_per_chunk < a.n_tiles ? (c + 1) * a.tiles_per_chunk : a.n_tiles;
+  for (int64_t tile = c * a.tiles_per_chunk; tile < t_end; ++tile) {
+    const int64_t row0 = tile * kRows;
+    const int tb = B - row0 < kRows ? int(B - row0) : kRows;
+    __syncthreads();
+    {
+      T* a0 = buf + a.off_a[0];
+      for (int idx = tid; idx < d_in * kRows; idx += blockDim.x) {
+        const int t = idx / d_in, i = idx % d_in;
+        a0[i * kStride + t] = t < tb ? a.x[(row0 + t) * d_in + i] : T(0);
+      }
+    }
+    __syncthreads();
+    for (int l = 0; l < L; ++l) {
+      if (a.widths[l + 1] >= 8)
+        v2_forward<T, A, 4, 2, kGrad>(a, l, n, row0, tb, buf);
+      else
+        v2_forward<T, A, 1, 1, kGrad>(a, l, n, row0, tb, buf);
+      __syncthreads();
+    }
+    if (!kGrad) continue;
+    {
+      const T* zl = buf + a.off_z[L - 1];
+      T* d = buf + a.off_d0;
+      for (int idx = tid; idx < d_out * kRows; idx += blockDim.x) {
+        const int j = idx / kRows, t = idx % kRows;
+        const T r = t < tb ? zl[j * kStride + t] - a.y[(row0 + t) * d_out + j] : T(0);
+        d[j * kStride + t] = a.scale * r;
+        loss_acc += double(r) * double(r);
+      }
+    }
+    __syncthreads();
+    T* dcur = buf + a.off_d0;
+    T* dnext = buf + a.off_d1;
+    for (int l = L - 1; l >= 0; --l) {
+      const int in = a.widths[l], out = a.widths[l + 1];
+      const T* al = buf + a.off_a[l];
+      if (out >= 4 && in >= 4)
+        v2_weight_grad<T, 4, 4>(dcur, al, in, out, tb, g + a.off_w[l]);
+      else
+        v2_weight_grad<T, 1, 1>(dcur, al, in, out, tb, g + a.off_w[l]);
+      {
+        T* gb = g + a.off_b[l];
+        for (int o = tid; o < out; o += blockDim.x) {
+          const T* dr = dcur + o * kStride;
+          T s = T(0);
+          for (int t = 0; t < tb; ++t) s += dr[t];
+          gb[o] += s;
+        }
+      }
+      if (l > 0) {
+        const T* W = a.w[l] + int64_t(n) * out * in;
+        const T* zp = buf + a.off_z[l - 1];
+        if (in >= 8)
+          v2_backprop<T, A, 4, 2>(W, dcur, zp, al, in, out, tb, dnext);
+        else
+          v2_backprop<T, A, 1, 1>(W, dcur, zp, al, in, out, tb, dnext);
+        T* tmp = dcur;
+        dcur = dnext;
+        dnext = tmp;
+      }
+      __syncthreads();
+    }
+  }
+  if (!kGrad) return;
+  // The block's gradient sums to its slice of the workspace (coalesced), and its loss.
+  {
+    T* part = a.part + item * a.P;
+    for (int64_t k = tid; k < a.P; k += blockDim.x) part[k] = g[k];
+  }
+  red[tid] = loss_acc;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (tid < s) red[tid] += red[tid + s];
+    __syncthreads();
+  }
+  if (tid == 0) a.ploss[item] = red[0];
+}
+
 // Sums the chunks of each student, in chunk order, into the outputs.
 template <typename T>
 struct ReduceArgs {
@@ -349,12 +610,13 @@ void launch(const MlpParams& p, void* workspace, size_t workspace_bytes, cudaStr
   a.gscratch = pl.use_shared ? nullptr : reinterpret_cast<T*>(ws + pl.gscratch_off);
   a.part = kGrad ? reinterpret_cast<T*>(ws + pl.part_off) : nullptr;
   a.ploss = kGrad ? reinterpret_cast<double*>(ws + pl.ploss_off) : nullptr;
-  auto kernel = mlp_kernel<T, A, kGrad>;
-  if (pl.smem_bytes > kDefaultSmem)
+  auto kernel = pl.v2 ? mlp_kernel_v2<T, A, kGrad> : mlp_kernel<T, A, kGrad>;
+  const size_t smem = pl.v2 ? pl.smem_bytes_v2 : pl.smem_bytes;
+  if (smem > kDefaultSmem)
     cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     int(pl.smem_bytes)),
+                                     int(smem)),
                 "mlp (cuda): cudaFuncSetAttribute");
-  kernel<<<unsigned(pl.items), kThreads, pl.smem_bytes, stream>>>(a);
+  kernel<<<unsigned(pl.items), kThreads, smem, stream>>>(a);
   cuda::check_launch(kGrad ? "mlp_mse_grad (cuda)" : "mlp_forward (cuda)");
   if (!kGrad) return;
   ReduceArgs<T> r{};

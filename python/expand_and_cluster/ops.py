@@ -31,12 +31,20 @@ _DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
 #: torch wins at 200-100-10 and 784-256-10 (55 vs 243 ms), where one student's weights no longer
 #: stay in cache across the batch tiles. See benchmarks/RESULTS.md.
 TORCH_PATH_MIN_LAYER_SIZE = 16384 + 1
+#: The same switch for the CUDA ops (cuBLAS products through torch). Measured on an H200
+#: (benchmarks/RESULTS.md, float32, N = 20, B = 512): the fused kernel wins at 64-64-10
+#: (0.067 ms gradient pass vs 0.10 ms for the torch path, both without Python overhead), cuBLAS
+#: wins at 784-256-10 (7.3 vs 0.41 ms): the fused kernel's per-block gradient sums no longer fit in
+#: shared memory there. Sizes in between are not measured; this bound is where the version-2
+#: kernel's float32 gradient sums of a 2-layer student would pass ~128 KB.
+CUDA_TORCH_PATH_MIN_LAYER_SIZE = 32768 + 1
 
 __all__ = [
     "adam_step",
     "adam_step_reference",
     "average_linkage",
     "average_linkage_reference",
+    "cuda_kernel_version",
     "cosine_distances",
     "cosine_distances_reference",
     "mlp_forward",
@@ -44,6 +52,7 @@ __all__ = [
     "mlp_mse_grad",
     "mlp_mse_grad_reference",
     "num_threads",
+    "set_cuda_kernel_version",
     "set_num_threads",
     "uses_torch_path",
 ]
@@ -65,6 +74,25 @@ def set_num_threads(n: int) -> None:
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n: expected an integer >= 1, got {n!r}")
     _lib().set_num_threads(n)
+
+
+def cuda_kernel_version() -> int:
+    """The variant of the CUDA kernels in use (see :func:`set_cuda_kernel_version`)."""
+    return int(_lib().cuda_kernel_version())
+
+
+def set_cuda_kernel_version(version: int) -> None:
+    """Choose the variant of the CUDA kernels (process-wide; the CPU kernels ignore it).
+
+    2 (default): register-tiled kernels; the fused MLP kernel keeps each block's gradient sums in
+    shared memory across its batch tiles (when they fit; else it runs variant 1), and
+    cosine_distances computes 64 x 64 tiles with 4 x 4 outputs per thread. 1: the first, simplest
+    kernels, kept as a reference and a fallback. Both sum the same terms; the MLP kernels in the
+    same order. Raises ValueError for any other value.
+    """
+    if version not in (1, 2):
+        raise ValueError(f"version: expected 1 or 2, got {version!r}")
+    _lib().set_cuda_kernel_version(int(version))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,9 +239,10 @@ def _mlp_mse_grad_torch(weights, biases, x, y, act: Activation, gw, gb, loss):
 def uses_torch_path(widths: Sequence[int], device: str | torch.device = "cpu") -> bool:
     """True when :func:`mlp_mse_grad` / :func:`mlp_forward` dispatch to the torch path for an
     ensemble of these widths (``[d_in, hidden..., d_out]``) on ``device``."""
-    if torch.device(device).type != "cpu":
-        return False
-    return max(a * b for a, b in zip(widths[:-1], widths[1:])) >= TORCH_PATH_MIN_LAYER_SIZE
+    largest = max(a * b for a, b in zip(widths[:-1], widths[1:]))
+    if torch.device(device).type == "cuda":
+        return largest >= CUDA_TORCH_PATH_MIN_LAYER_SIZE
+    return largest >= TORCH_PATH_MIN_LAYER_SIZE
 
 
 # ----------------------------------------------------------------------------------------------
