@@ -41,8 +41,10 @@ constexpr int64_t kMaxChunks = 64;
 constexpr size_t kWorkspaceBudget = size_t(256) << 20;
 // Sections of the workspace start on this boundary (the alignment cudaMalloc guarantees).
 constexpr size_t kAlign = 256;
-// Dynamic shared memory a kernel may use without opting in (cudaFuncSetAttribute).
+// Shared memory (static + dynamic) a block may use without opting in (cudaFuncSetAttribute).
 constexpr size_t kDefaultSmem = 48 << 10;
+// The kernels' static shared memory: the loss reduction buffer.
+constexpr size_t kStaticSmem = sizeof(double) * kThreads;
 
 inline size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
@@ -130,7 +132,7 @@ Plan<T> make_plan(const MlpParams& p, bool grad) {
   }
   a.scratch = cur;
   const size_t scratch_bytes = size_t(cur) * sizeof(T);
-  const size_t static_smem = sizeof(double) * kThreads;  // the loss reduction buffer
+  const size_t static_smem = kStaticSmem;
   pl.use_shared = scratch_bytes + static_smem <= size_t(max_optin_smem(p.device));
   pl.smem_bytes = pl.use_shared ? scratch_bytes : 0;
   // Gradient layout.
@@ -612,7 +614,8 @@ void launch(const MlpParams& p, void* workspace, size_t workspace_bytes, cudaStr
   a.ploss = kGrad ? reinterpret_cast<double*>(ws + pl.ploss_off) : nullptr;
   auto kernel = pl.v2 ? mlp_kernel_v2<T, A, kGrad> : mlp_kernel<T, A, kGrad>;
   const size_t smem = pl.v2 ? pl.smem_bytes_v2 : pl.smem_bytes;
-  if (smem > kDefaultSmem)
+  // The default dynamic limit is 48 KB minus the static shared memory: opt in beyond it.
+  if (smem + kStaticSmem > kDefaultSmem)
     cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      int(smem)),
                 "mlp (cuda): cudaFuncSetAttribute");
