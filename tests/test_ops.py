@@ -62,6 +62,37 @@ def test_mse_grad_matches_autograd(activation, widths, n, b, dtype, device):
     assert rel(out.double(), ops.mlp_forward_reference(w64, b64, x.double(), activation)) < tol
 
 
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_activation_derivative_matches_autograd(activation):
+    act = ACTIVATIONS[activation]
+    z = torch.cat([torch.linspace(-40, 40, 2001, dtype=torch.float64), torch.randn(500).double()])
+    z = z[z != 0]  # relu-type kinks: autograd's value at 0 is a convention
+    zr = z.clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(act.fn(zr).sum(), zr)
+    torch.testing.assert_close(act.derivative(z), ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(act.derivative(z, act.fn(z)), ref, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("widths,n,b", [([5, 13, 11, 3], 4, 300), ([2, 65, 1], 3, 129)])
+def test_torch_path_matches_autograd(activation, widths, n, b, dtype, device, monkeypatch):
+    # The torch path (taken above a size threshold) forced at small sizes.
+    monkeypatch.setattr(ops, "TORCH_PATH_MIN_LAYER_SIZE", 0)
+    monkeypatch.setattr(ops, "CUDA_TORCH_PATH_MIN_LAYER_SIZE", 0)
+    assert ops.uses_torch_path(widths, device)
+    ws, bs = ensemble(n, widths, dtype, device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(b, widths[0], generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+    y = torch.randn(b, widths[-1], generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+    loss, gw, gb = ops.mlp_mse_grad(ws, bs, x, y, activation)
+    w64, b64 = [w.double() for w in ws], [v.double() for v in bs]
+    rloss, rgw, rgb = ops.mlp_mse_grad_reference(w64, b64, x.double(), y.double(), activation)
+    tol = RTOL[dtype]
+    assert rel(loss.double(), rloss) < tol
+    for a, r in zip(gw + gb, rgw + rgb):
+        assert rel(a.double(), r) < tol
+
+
 def test_ensemble_equals_single_student_calls(dtype):
     widths, n, b = [6, 19, 3], 5, 700
     ws, bs = ensemble(n, widths, dtype)

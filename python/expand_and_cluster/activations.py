@@ -60,6 +60,49 @@ def _g(z: torch.Tensor) -> torch.Tensor:
 
 
 LEAKY_RELU_SLOPE = 0.01
+_SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2)
+_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
+
+
+# Derivatives s'(z), given z and h = s(z) (the C++ kernels' ActOp::df): the torch path of the
+# ops back-propagates with these instead of autograd (one elementwise pass, no graph).
+def _d_identity(z, h):
+    return torch.ones_like(z)
+
+
+def _d_relu(z, h):
+    return (z > 0).to(z.dtype)
+
+
+def _d_leaky_relu(z, h):
+    return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, LEAKY_RELU_SLOPE))
+
+
+def _d_tanh(z, h):
+    return 1.0 - h * h
+
+
+def _d_sigmoid(z, h):
+    return h * (1.0 - h)
+
+
+def _d_softplus(z, h):
+    return torch.sigmoid(z)
+
+
+def _d_gelu(z, h):
+    # d/dz z Phi(z) = Phi(z) + z phi(z), erf form
+    return 0.5 * (1.0 + torch.erf(z * _SQRT_HALF)) + z * _INV_SQRT_2PI * torch.exp(-0.5 * z * z)
+
+
+def _d_silu(z, h):
+    s = torch.sigmoid(z)
+    return s * (1.0 + z * (1.0 - s))
+
+
+def _d_g(z, h):
+    s4 = torch.sigmoid(4.0 * z)
+    return 4.0 * s4 * (1.0 - s4) + torch.sigmoid(z)
 
 
 @dataclass(frozen=True)
@@ -73,6 +116,12 @@ class Activation:
     symmetry: SymmetryClass
     #: s(z) - s(-z) = linear_coefficient * z for the even_linear classes, else 0.
     linear_coefficient: float = 0.0
+    #: s'(z) from (z, s(z)), elementwise, same shape and dtype.
+    dfn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    def derivative(self, z: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        """s'(z), elementwise (``h`` = s(z) when already computed)."""
+        return self.dfn(z, self.fn(z) if h is None else h)
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         return self.fn(z)
@@ -82,21 +131,22 @@ _S = SymmetryClass
 ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in (
-        Activation("identity", lambda z: z, 0, _S.ODD),
-        Activation("relu", F.relu, 1, _S.EVEN_LINEAR_POSITIVE_SCALING, 1.0),
+        Activation("identity", lambda z: z, 0, _S.ODD, dfn=_d_identity),
+        Activation("relu", F.relu, 1, _S.EVEN_LINEAR_POSITIVE_SCALING, 1.0, _d_relu),
         Activation(
             "leaky_relu",
             lambda z: F.leaky_relu(z, LEAKY_RELU_SLOPE),
             2,
             _S.EVEN_LINEAR_POSITIVE_SCALING,
             1.0 + LEAKY_RELU_SLOPE,
+            _d_leaky_relu,
         ),
-        Activation("tanh", torch.tanh, 3, _S.ODD),
-        Activation("sigmoid", torch.sigmoid, 4, _S.ODD_CONSTANT),
-        Activation("softplus", _softplus, 5, _S.EVEN_LINEAR, 1.0),
-        Activation("gelu", F.gelu, 6, _S.EVEN_LINEAR, 1.0),
-        Activation("silu", F.silu, 7, _S.EVEN_LINEAR, 1.0),
-        Activation("g", _g, 8, _S.NONE),
+        Activation("tanh", torch.tanh, 3, _S.ODD, dfn=_d_tanh),
+        Activation("sigmoid", torch.sigmoid, 4, _S.ODD_CONSTANT, dfn=_d_sigmoid),
+        Activation("softplus", _softplus, 5, _S.EVEN_LINEAR, 1.0, _d_softplus),
+        Activation("gelu", F.gelu, 6, _S.EVEN_LINEAR, 1.0, _d_gelu),
+        Activation("silu", F.silu, 7, _S.EVEN_LINEAR, 1.0, _d_silu),
+        Activation("g", _g, 8, _S.NONE, dfn=_d_g),
     )
 }
 

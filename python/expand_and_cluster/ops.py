@@ -218,8 +218,8 @@ def _forward_torch(weights, biases, x, act: Activation):
 
 
 def _mlp_mse_grad_torch(weights, biases, x, y, act: Activation, gw, gb, loss):
-    """The torch path of :func:`mlp_mse_grad`: explicit backward pass with batched matmuls (no
-    graph over the matmuls); only the elementwise activation derivative uses autograd."""
+    """The torch path of :func:`mlp_mse_grad`: explicit backward pass with batched matmuls and
+    the activation's closed-form derivative (no autograd graph)."""
     with torch.no_grad():
         zs, hs = _forward_torch(weights, biases, x, act)
         r = zs[-1] - y
@@ -230,10 +230,7 @@ def _mlp_mse_grad_torch(weights, biases, x, y, act: Activation, gw, gb, loss):
             torch.matmul(d.transpose(1, 2), hs[l], out=gw[l])
             torch.sum(d, dim=1, out=gb[l])
             if l > 0:
-                dh = torch.bmm(d, weights[l])
-                with torch.enable_grad():
-                    z = zs[l - 1].detach().requires_grad_(True)
-                    (d,) = torch.autograd.grad(act.fn(z), z, dh)
+                d = torch.bmm(d, weights[l]).mul_(act.derivative(zs[l - 1], hs[l]))
 
 
 def uses_torch_path(widths: Sequence[int], device: str | torch.device = "cpu") -> bool:
