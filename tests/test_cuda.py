@@ -119,7 +119,16 @@ def test_mlp_cuda_wide_layers_use_the_global_memory_path(dtype, kernel_version, 
 
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("n,shapes", [(1, [(1, 1)]), (4, [(7, 3), (5,)]), (3, [(65, 1), (0,)])])
+@pytest.mark.parametrize(
+    "n,shapes",
+    [
+        (1, [(1, 1)]),
+        (4, [(7, 3), (5,)]),
+        (3, [(65, 1), (0,)]),
+        (2, [(5000,)]),  # several blocks along a student's row
+        (1, [(1100, 1000)]),  # more than the 1,024 blocks of a row: the grid-stride loop
+    ],
+)
 def test_adam_cuda_matches_cpu(n, shapes, dtype):
     g = torch.Generator().manual_seed(0)
     params = [torch.randn(n, *s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
@@ -220,6 +229,31 @@ def test_mlp_cuda_large_layers_dispatch_to_the_torch_path(dtype):
     assert rel(loss.cpu().double(), rloss) < tol
     for a, r in zip(gw + gb, rgw + rgb):
         assert rel(a.cpu().double(), r) < tol
+
+
+@gpu
+def test_fused_train_step_replays_in_a_cuda_graph():
+    ws, bs, x, y = _data([6, 20, 2], 3, 100, torch.float32)
+    ws, bs, x, y = _cuda(ws), _cuda(bs), x.cuda(), y.cuda()
+    lr = torch.full((3,), 1e-2, device="cuda")
+    eager = ops.FusedTrainStep([w.clone() for w in ws], [b.clone() for b in bs], "tanh", lr)
+    graphed = ops.FusedTrainStep([w.clone() for w in ws], [b.clone() for b in bs], "tanh", lr)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture: allocates the workspace
+        graphed(x, y)
+    torch.cuda.current_stream().wait_stream(side)
+    eager(x, y)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed(x, y)
+    for _ in range(5):
+        graph.replay()
+        eager(x, y)
+    torch.cuda.synchronize()
+    for a, b in zip(graphed.params + graphed.exp_avg_sq, eager.params + eager.exp_avg_sq):
+        assert torch.equal(a, b)
+    assert graphed.step.tolist() == [6, 6, 6]
 
 
 def test_backends_report_cuda_iff_compiled():

@@ -273,3 +273,46 @@ def test_gradcheck_float64(activation, widths):
         lp = ops.mlp_mse_grad(wp, bs, x, y, activation)[0][idx[0]]
         lm = ops.mlp_mse_grad(wm, bs, x, y, activation)[0][idx[0]]
         assert abs(float((lp - lm) / (2 * eps)) - float(gw[0][idx])) < 1e-6
+
+
+@pytest.mark.parametrize("torch_path", [False, True], ids=["fused", "torch-path"])
+def test_fused_train_step_equals_the_two_ops(dtype, device, torch_path, monkeypatch):
+    if torch_path:
+        monkeypatch.setattr(ops, "TORCH_PATH_MIN_LAYER_SIZE", 0)
+        monkeypatch.setattr(ops, "CUDA_TORCH_PATH_MIN_LAYER_SIZE", 0)
+    widths, n = [5, 13, 11, 3], 4
+    ws, bs = ensemble(n, widths, dtype, device)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(94, 5, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+    y = torch.randn(94, 3, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+    lr = torch.linspace(1e-3, 1e-2, n, dtype=dtype, device=device)
+    fused = ops.FusedTrainStep([w.clone() for w in ws], [b.clone() for b in bs], "tanh", lr)
+    params = [t.clone() for t in ws + bs]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    for k in range(6):  # mini-batches of 64 and the tail of 30, so two workspace sizes
+        xb, yb = (x[:64], y[:64]) if k % 2 == 0 else (x[64:], y[64:])
+        loss = fused(xb, yb)
+        rloss, gw, gb = ops.mlp_mse_grad(params[:3], params[3:], xb, yb, "tanh")
+        ops.adam_step(params, gw + gb, m, v, k + 1, lr)
+        assert torch.equal(loss, rloss)
+    for a, b in zip(fused.params + fused.exp_avg + fused.exp_avg_sq, params + m + v):
+        assert torch.equal(a, b)
+    assert fused.step.tolist() == [6] * n
+
+
+def test_fused_train_step_bad_arguments():
+    ws, bs = ensemble(2, [3, 4, 1], torch.float64)
+    lr = torch.full((2,), 1e-3, dtype=torch.float64)
+    fused = ops.FusedTrainStep(ws, bs, "relu", lr)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="x: expected"):
+        fused(x.float(), torch.zeros(8, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="y: expected"):
+        fused(x, torch.zeros(8, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="same batch"):
+        fused(x, torch.zeros(7, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="lr"):
+        ops.FusedTrainStep(ws, bs, "relu", -lr)
+    with pytest.raises(ValueError, match="step"):
+        ops.FusedTrainStep(ws, bs, "relu", lr, step=torch.full((2,), -1, dtype=torch.int64))

@@ -243,12 +243,11 @@ def _train_students(
 
     active = np.arange(n)
     cur = ens.select(active)
-    m = [torch.zeros_like(p) for p in cur.params()]
-    v = [torch.zeros_like(p) for p in cur.params()]
-    step = torch.zeros(len(active), dtype=torch.int64, device=device)
-    gw = [torch.empty_like(w) for w in cur.weights]
-    gb = [torch.empty_like(b) for b in cur.biases]
-    loss_buf = torch.empty(len(active), dtype=dtype, device=device)
+    # Loss, gradients and Adam of the active students, validated once (ops.FusedTrainStep);
+    # rebuilt with the kept optimiser state whenever students stop.
+    fstep = ops.FusedTrainStep(
+        cur.weights, cur.biases, activation, torch.zeros(n, dtype=dtype, device=device)
+    )
 
     bar = tqdm(
         total=cfg.max_epochs, desc=desc, disable=not cfg.progress, leave=False, dynamic_ncols=True
@@ -256,42 +255,16 @@ def _train_students(
     last_post = 0.0
     epoch = 0
     for epoch in range(1, cfg.max_epochs + 1):
-        lr_t = torch.as_tensor(sched.lr[active], dtype=dtype, device=device)
+        fstep.lr.copy_(torch.as_tensor(sched.lr[active], dtype=dtype))
         if batch == n_queries:
-            ops.mlp_mse_grad(
-                cur.weights,
-                cur.biases,
-                xs,
-                ys,
-                activation,
-                out_grad_weights=gw,
-                out_grad_biases=gb,
-                out_loss=loss_buf,
-                check_finite=False,
-            )
-            step += 1
-            ops.adam_step(cur.params(), gw + gb, m, v, step, lr_t, check_values=False)
-            epoch_loss = loss_buf.to(torch.float64).cpu().numpy()
+            epoch_loss = fstep(xs, ys).to(torch.float64).cpu().numpy()
         else:
             perm = torch.randperm(n_queries, generator=gen).to(device)
             acc = torch.zeros(len(active), dtype=torch.float64, device=device)
             for s in range(0, n_queries, batch):
                 idx = perm[s : s + batch]
-                xb, yb = xs.index_select(0, idx), ys.index_select(0, idx)
-                ops.mlp_mse_grad(
-                    cur.weights,
-                    cur.biases,
-                    xb,
-                    yb,
-                    activation,
-                    out_grad_weights=gw,
-                    out_grad_biases=gb,
-                    out_loss=loss_buf,
-                    check_finite=False,
-                )
-                step += 1
-                ops.adam_step(cur.params(), gw + gb, m, v, step, lr_t, check_values=False)
-                acc += loss_buf.to(torch.float64) * idx.shape[0]
+                loss = fstep(xs.index_select(0, idx), ys.index_select(0, idx))
+                acc += loss.to(torch.float64) * idx.shape[0]
             epoch_loss = (acc / n_queries).cpu().numpy()
         if not np.isfinite(epoch_loss).all():
             bad = active[~np.isfinite(epoch_loss)]
@@ -328,12 +301,15 @@ def _train_students(
             active = active[keep]
             kidx = torch.as_tensor(np.flatnonzero(keep), device=device)
             cur = cur.select(kidx)
-            m = [t.index_select(0, kidx).contiguous() for t in m]
-            v = [t.index_select(0, kidx).contiguous() for t in v]
-            step = step.index_select(0, kidx).contiguous()
-            gw = [torch.empty_like(w) for w in cur.weights]
-            gb = [torch.empty_like(b) for b in cur.biases]
-            loss_buf = torch.empty(len(active), dtype=dtype, device=device)
+            fstep = ops.FusedTrainStep(
+                cur.weights,
+                cur.biases,
+                activation,
+                fstep.lr.index_select(0, kidx).contiguous(),
+                exp_avg=[t.index_select(0, kidx).contiguous() for t in fstep.exp_avg],
+                exp_avg_sq=[t.index_select(0, kidx).contiguous() for t in fstep.exp_avg_sq],
+                step=fstep.step.index_select(0, kidx).contiguous(),
+            )
     bar.close()
     if not done.all():
         _write_back(ens, cur, active)
