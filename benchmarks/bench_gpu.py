@@ -343,5 +343,28 @@ def main(path="bench_gpu.json", *_):
     print(json.dumps(results))
 
 
+def compile_only(sizes=("digits-64-64-10-N20-B512", "toy-10-80-1-N20-B10000")):
+    """The torch.compile baselines (einsum, bmm with torch.optim.Adam) against ours, same run."""
+    dev = torch.device("cuda")
+    print(f"torch.compile baselines, GPU: {torch.cuda.get_device_name(dev)} (ms per step)")
+    for size in sizes:
+        row = {}
+        for name, make in (
+            ("ours", _ours),
+            ("einsum_compiled", _torch_step(torch.compile(LOSSES["einsum"]))),
+            ("bmm_compiled", _torch_step(torch.compile(LOSSES["bmm"]))),
+        ):
+            ws, bs, x, y = _problem(size, dev)
+            try:
+                step, _ = make(ws, bs, x, y)
+                row[name] = _time(step)
+            except Exception as e:
+                print(f"{size} {name}: failed: {e!r}")
+        print(size, json.dumps({k: round(v, 4) for k, v in row.items()}), flush=True)
+
+
 if __name__ == "__main__":
+    if "--compile-only" in sys.argv:
+        compile_only()
+        sys.exit(0)
     main(*[a for a in sys.argv[1:2] if not a.startswith("--")])

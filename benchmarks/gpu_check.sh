@@ -75,6 +75,9 @@ run_step tests "$T_TESTS" "$py" -m pytest -q -p no:cacheprovider -W default \
 
 run_step bench "$T_BENCH" "$py" benchmarks/bench_gpu.py "$out/bench_gpu.json"
 
+# torch.compile baselines (slow to compile; last in the default steps' order of value)
+run_step bench_compile "${T_COMPILE:-120}" "$py" benchmarks/bench_gpu.py --compile-only
+
 # The demo on the GPU (the CPU result is in benchmarks/RESULTS.md): same recovery expected.
 run_step demo "$T_DEMO" "$site/bin/expand-and-cluster" demo --device cuda --quiet --no-figures \
   --out "$work/demo"
