@@ -2,6 +2,7 @@
 report.json (DESIGN.md schema), recovered.npz and the figures."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,8 +112,8 @@ def test_recover_writes_report_network_and_figures(tmp_path, capsys, queries):
     assert rep["teacher_sizes"] is None  # black box
     net = load_network(out / "recovered.npz")
     assert net.hidden_sizes == [3]
-    students = np.load(out / "students.npz")
-    assert students["weight_0"].shape == (6, 6, 4) and students["relative_mse"].shape == (6,)
+    with np.load(out / "students.npz") as students:  # closed: an open one warns (as error)
+        assert students["weight_0"].shape == (6, 6, 4) and students["relative_mse"].shape == (6,)
     for fig in ["dendrogram.png", "distance_matrix.png", "training.png"]:
         assert (out / fig).stat().st_size > 1000
     # an existing non-empty folder is not overwritten without --force
@@ -171,3 +172,17 @@ def test_cuda_device_without_gpu_is_a_user_error(tmp_path, capsys, queries):
     ]
     _run_error(capsys, argv, "--device")
     assert not out.exists()
+    suite = str(Path(__file__).resolve().parents[1] / "benchmarks" / "suites" / "small.json")
+    _run_error(capsys, ["bench", suite, "--out", str(out), "--device", "cuda"], "--device")
+    assert not out.exists()
+
+
+def test_device_auto_resolves_to_what_is_available():
+    import torch
+
+    from expand_and_cluster import backends
+    from expand_and_cluster.cli import _resolve_device
+
+    has_gpu = "cuda" in backends() and torch.cuda.is_available()
+    assert _resolve_device("auto") == ("cuda" if has_gpu else "cpu")
+    assert _resolve_device("cpu") == "cpu" and _resolve_device("cuda") == "cuda"

@@ -176,8 +176,9 @@ def load_suite(path: str | Path) -> Suite:
     return Suite(str(raw.get("name", path.stem)), SuiteSettings(**settings), problems)
 
 
-def run_problem(problem: Problem, settings: SuiteSettings) -> dict:
-    """Plant, probe, recover and score one problem; returns its result row."""
+def run_problem(problem: Problem, settings: SuiteSettings, device: str = "cpu") -> dict:
+    """Plant, probe, recover and score one problem (students trained on ``device``, "cpu" or
+    "cuda"); returns its result row."""
     from . import metrics
     from .clustering import ClusterConfig
     from .recover import RecoverConfig, recover
@@ -212,6 +213,7 @@ def run_problem(problem: Problem, settings: SuiteSettings) -> dict:
         ),
         held_out_fraction=settings.held_out_fraction,
         finetune_iterations=settings.finetune_iterations,
+        device=device,
     )
     row = {**asdict(problem), "n_queries": problem.n_queries, "n_params": problem.n_params}
     try:
@@ -264,10 +266,12 @@ def _read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def run_suite(suite: Suite, out: Path, jobs: int = 1, log=None) -> list[dict]:
+def run_suite(suite: Suite, out: Path, jobs: int = 1, log=None, device: str = "cpu") -> list[dict]:
     """Run every problem not yet in ``out/results.jsonl`` (so an interrupted run resumes), append
     one JSON row per problem as it finishes, then write ``summary.json``, ``summary.md`` and the
-    figures. ``jobs`` > 1 runs problems in that many processes (each with one kernel thread)."""
+    figures. ``jobs`` > 1 runs problems in that many processes (each with one kernel thread;
+    started with "spawn" on CUDA, which a forked process cannot use). ``device``: where the
+    students train, "cpu" or "cuda"."""
     from .report import write_json_atomic
 
     say = log or (lambda s: None)
@@ -289,15 +293,19 @@ def run_suite(suite: Suite, out: Path, jobs: int = 1, log=None) -> list[dict]:
         )
 
     if jobs > 1 and len(todo) > 1:
+        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(max_workers=jobs, initializer=_single_thread) as pool:
-            futures = [pool.submit(run_problem, p, suite.settings) for p in todo]
+        ctx = multiprocessing.get_context("spawn") if device == "cuda" else None
+        with ProcessPoolExecutor(
+            max_workers=jobs, initializer=_single_thread, mp_context=ctx
+        ) as pool:
+            futures = [pool.submit(run_problem, p, suite.settings, device) for p in todo]
             for fut in futures:
                 record(fut.result())
     else:
         for p in todo:
-            record(run_problem(p, suite.settings))
+            record(run_problem(p, suite.settings, device))
     rows = [r for r in _read_rows(results) if r["id"] in {p.id for p in suite.problems}]
     summary = summarise(rows)
     summary.update(

@@ -202,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="problems run in parallel processes (default %(default)s)",
     )
+    b.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where students train (default auto: cuda when available, else cpu)",
+    )
     b.add_argument("--quiet", action="store_true")
 
     c = sub.add_parser(
@@ -660,8 +666,11 @@ def cmd_demo(args, log) -> int:
 def cmd_bench(args, log) -> int:
     from .bench import load_suite, run_suite, summarise, summary_markdown
 
+    device = _resolve_device(args.device)
+    _check_device(device)
     suite = load_suite(args.suite)
-    rows = run_suite(suite, args.out, jobs=args.jobs, log=log)
+    log(f"students train on {device}")
+    rows = run_suite(suite, args.out, jobs=args.jobs, log=log, device=device)
     summary = summarise(rows)
     summary["suite"] = suite.name
     print(summary_markdown(summary))
