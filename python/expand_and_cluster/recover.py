@@ -19,6 +19,7 @@ from .activations import get_activation
 from .checkpoint import Checkpoint
 from .clustering import ClusterConfig, LayerClustering, cluster_layer, input_mask_from_queries
 from .errors import InputError
+from .metrics import relative_mse
 from .network import Network
 from .reconstruction import (
     FinetuneResult,
@@ -278,12 +279,6 @@ def split_queries(n: int, held_out_fraction: float, seed: int) -> tuple[np.ndarr
     if n - n_held < 2:
         n_held = 0
     return np.sort(perm[n_held:]), np.sort(perm[:n_held])
-
-
-def relative_mse(y_pred: np.ndarray, y: np.ndarray) -> float:
-    """MSE / mean over outputs of Var(y) (1 when Var(y) = 0)."""
-    var = float(np.var(y, axis=0).mean())
-    return float(np.mean((y_pred - y) ** 2) / (var if var > 0 else 1.0))
 
 
 def _prefix_features(prefix: list[np.ndarray], x: np.ndarray, activation: str) -> list[np.ndarray]:
