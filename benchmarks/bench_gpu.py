@@ -68,8 +68,9 @@ def _ours(ws, bs, x, y):
     return (lambda: fstep(x, y)), fstep.params
 
 
-def _ours_ops(ws, bs, x, y):
-    """The two ops called separately (arguments validated at every call)."""
+def _state(ws, bs, x):
+    """Fresh copies of the parameters and the Adam state, gradient and loss buffers of a step
+    driven op by op: (params, m, v, lr, step, gw, gb, loss)."""
     n = ws[0].shape[0]
     params = [t.clone() for t in ws + bs]
     m = [torch.zeros_like(p) for p in params]
@@ -79,6 +80,12 @@ def _ours_ops(ws, bs, x, y):
     gw = [torch.empty_like(w) for w in ws]
     gb = [torch.empty_like(b) for b in bs]
     loss = torch.empty(n, device=x.device)
+    return params, m, v, lr, step_t, gw, gb, loss
+
+
+def _ours_ops(ws, bs, x, y):
+    """The two ops called separately (arguments validated at every call)."""
+    params, m, v, lr, step_t, gw, gb, loss = _state(ws, bs, x)
 
     def step():
         step_t.add_(1)
@@ -105,16 +112,8 @@ def _ours_torchpath(ws, bs, x, y):
     dispatch for widths where the fused kernel loses to cuBLAS."""
     from expand_and_cluster.activations import get_activation
 
-    n = ws[0].shape[0]
     act = get_activation("tanh")
-    params = [t.clone() for t in ws + bs]
-    m = [torch.zeros_like(p) for p in params]
-    v = [torch.zeros_like(p) for p in params]
-    lr = torch.full((n,), 1e-3, device=x.device)
-    step_t = torch.zeros(n, dtype=torch.int64, device=x.device)
-    gw = [torch.empty_like(w) for w in ws]
-    gb = [torch.empty_like(b) for b in bs]
-    loss = torch.empty(n, device=x.device)
+    params, m, v, lr, step_t, gw, gb, loss = _state(ws, bs, x)
 
     def step():
         step_t.add_(1)

@@ -120,7 +120,13 @@ class Activation:
     dfn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def derivative(self, z: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
-        """s'(z), elementwise (``h`` = s(z) when already computed)."""
+        """s'(z), elementwise: a tensor of ``z``'s shape and dtype (``h`` = s(z), same shape,
+        when already computed). The closed forms of the C++ kernels' ``ActOp::df``
+        (csrc/common/activations.h), checked against torch.autograd in tests/test_ops.py; used
+        by the torch path's backward pass (Martinelli et al. 2024, Eq. 1 gradients). Raises
+        TypeError where ``dfn`` is None (an Activation built without a derivative)."""
+        if self.dfn is None:
+            raise TypeError(f"activation {self.name!r} has no derivative (dfn is None)")
         return self.dfn(z, self.fn(z) if h is None else h)
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:

@@ -682,6 +682,7 @@ class FusedTrainStep:
         b = x.shape[0]
         if b < 1 or y.shape[0] != b:
             raise ValueError(f"x, y: expected the same batch B >= 1, got {b} and {y.shape[0]}")
+        stream = _stream(x)
         if self.torch_path:
             _mlp_mse_grad_torch(
                 self.weights,
@@ -709,7 +710,7 @@ class FusedTrainStep:
                 self.act.code,
                 self._dcode,
                 self._dev,
-                _stream(x),
+                stream,
                 ws_ptr,
                 ws_bytes,
             )
@@ -731,7 +732,7 @@ class FusedTrainStep:
                 0.0,
                 self._dcode,
                 self._dev,
-                _stream(x),
+                stream,
             )
         return self.loss
 
