@@ -4,7 +4,15 @@ import json
 
 import pytest
 
-from expand_and_cluster.bench import SUITE_FORMAT, Problem, load_suite, run_suite, summarise
+from expand_and_cluster.bench import (
+    SUITE_FORMAT,
+    Problem,
+    load_suite,
+    run_suite,
+    select_problems,
+    summarise,
+    summary_markdown,
+)
 from expand_and_cluster.cli import main
 from expand_and_cluster.errors import InputError
 
@@ -95,6 +103,10 @@ def test_run_resume_and_summary(tmp_path, capsys):
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["tanh", "relu"]
     assert all(r["success"] and r["recovered_width"] == 3 for r in rows)
+    # Easy problems need no repair: the network before it is the same and scores the same.
+    assert all(r["success_without_repair"] and r["width_before_repair"] == 3 for r in rows)
+    assert all(r["repair_added"] == 0 and r["repair_pruned"] == 0 for r in rows)
+    assert all(r["epochs"] == QUICK["epochs"] for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["success_rate"] == 1.0 and summary["per_activation"]["relu"]["problems"] == 1
     for fig in ["success_vs_rho.png", "success_vs_axes.png", "time_per_problem.png"]:
@@ -125,3 +137,73 @@ def test_problem_validation():
     with pytest.raises(InputError, match="distribution"):
         Problem(id="x", distribution="cauchy")
     assert Problem(id="x", d_in=4, width=3, d_out=1).n_params == 3 * 5 + 1 * 4
+
+
+def test_select_problems(tmp_path, capsys):
+    full = load_suite("benchmarks/suites/full.json")
+    rho4 = select_problems(full, ["rho=4"])
+    assert rho4.problems and all(p.rho == 4.0 for p in rho4.problems)
+    assert len(rho4.problems) == sum(p.rho == 4.0 for p in full.problems)
+    two = select_problems(full, ["rho=4", "activation=tanh,g"])
+    assert {p.activation for p in two.problems} == {"tanh", "g"}
+    assert all(p.rho == 4.0 for p in two.problems)
+    with pytest.raises(InputError, match="unknown field"):
+        select_problems(full, ["colour=red"])
+    with pytest.raises(InputError, match="KEY=VALUE"):
+        select_problems(full, ["rho"])
+    with pytest.raises(InputError, match="no problem"):
+        select_problems(full, ["activation=nope"])
+    # The command line: a user error, exit code 2, one line, no traceback.
+    code = main(
+        [
+            "bench",
+            "benchmarks/suites/full.json",
+            "--out",
+            str(tmp_path / "r"),
+            "--select",
+            "activation=nope",
+            "--quiet",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "no problem" in err and "Traceback" not in err
+
+
+def test_min_steps_raises_the_epoch_budget_of_small_problems(monkeypatch):
+    from expand_and_cluster import bench, recover
+
+    seen = {}
+
+    def fake_recover(X, Y, cfg):
+        seen["cfg"] = cfg
+        raise bench.NoClusterError("stop here")
+
+    monkeypatch.setattr(recover, "recover", fake_recover)
+    p = Problem(id="x", d_in=3, width=2, queries_per_param=100.0)  # 11 params: 990 train queries
+    settings = bench.SuiteSettings(epochs=50, batch_size=512, min_steps=3000)
+    row = bench.run_problem(p, settings)
+    # 2 mini-batches per epoch: 1500 epochs give the 3000 steps; patience scales with them.
+    assert p.n_queries == 1100
+    assert row["status"] == "no_cluster" and seen["cfg"].train.max_epochs == 1500
+    assert seen["cfg"].train.patience == 150
+    bench.run_problem(p, bench.SuiteSettings(epochs=50, batch_size=512, min_steps=0))
+    assert seen["cfg"].train.max_epochs == 50
+    bench.run_problem(p, bench.SuiteSettings(repair=False))
+    assert seen["cfg"].repair.grow_candidates == 0 and seen["cfg"].repair.prune_tolerance == 0
+
+
+def test_summary_reports_the_rate_without_repair_per_rho_and_class():
+    base = {"rho": 4.0, "width": 3, "seconds": 1.0, "success_1e-6": True, "recovered_width": 3}
+    rows = [
+        {**base, "id": "a", "activation": "tanh", "success": True, "success_without_repair": True},
+        {**base, "id": "b", "activation": "tanh", "success": True, "success_without_repair": False},
+        {**base, "id": "c", "activation": "g", "success": True, "success_without_repair": False},
+        {**base, "id": "d", "activation": "g", "rho": 8.0, "success": False},  # an older row
+    ]
+    s = summarise(rows)
+    assert s["success_rate"] == 0.75 and s["success_rate_without_repair"] == 0.25
+    assert s["per_rho"]["4.0"]["per_activation"]["tanh"]["success_rate_without_repair"] == 0.5
+    assert s["per_rho"]["4.0"]["success_rate"] == 1.0
+    assert list(s["per_rho"]) == ["4.0", "8.0"]
+    md = summary_markdown(s)
+    assert "| 4.0 | 3/3 (1) | 1/1 (0) | 2/2 (1) |" in md

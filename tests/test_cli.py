@@ -110,6 +110,9 @@ def test_recover_writes_report_network_and_figures(tmp_path, capsys, queries):
         assert key in rep
     assert rep["recovered_sizes"] == [3]
     assert rep["teacher_sizes"] is None  # black box
+    repair = rep["width_repair"]
+    assert repair["layer"] == 0 and repair["width_before"] == 3 and repair["width_after"] == 3
+    assert rep["timings_s"]["repair"] >= 0.0
     net = load_network(out / "recovered.npz")
     assert net.hidden_sizes == [3]
     with np.load(out / "students.npz") as students:  # closed: an open one warns (as error)

@@ -138,6 +138,9 @@ def test_planted_deep_teacher_recovered(deep_tanh, tmp_path):
     assert res.relative_mse["held_out"] <= 1e-4
     assert len(res.layers) == 2 and res.layers[0].students_relative_mse is not None
     assert ckpt.has("students") and ckpt.last_layer() == 1
+    # The width repair looked at the last hidden layer and had nothing to change.
+    assert res.repair is not None and not res.repair.changed
+    assert res.repair.to_json()["layer"] == 1 and res.repair.width_before == 3
 
     # Resume after layer 0: the same network, without training the students again.
     (tmp_path / "ckpt" / "layer_1.npz").unlink()
@@ -172,6 +175,10 @@ def test_deep_resume_checks_the_depth(deep_tanh, tmp_path):
 def test_recover_config_round_trips():
     cfg = _config("sigmoid", held_out_fraction=0.2)
     assert RecoverConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    # A checkpoint written before the width repair existed loads with the default repair.
+    old = cfg.to_dict()
+    del old["repair"]
+    assert RecoverConfig.from_dict(old) == cfg
 
 
 def test_cli_deep_run_resume_and_recluster(deep_tanh, tmp_path, capsys):

@@ -87,7 +87,13 @@ class Problem:
 
 @dataclass(frozen=True)
 class SuiteSettings:
-    """Recover settings shared by a suite's problems (the CLI's defaults where not given)."""
+    """Recover settings shared by a suite's problems (the CLI's defaults where not given).
+
+    ``min_steps``: the epoch budget of a problem is raised so that each student gets at least
+    this many Adam steps (a problem with few queries has few mini-batches per epoch); the plateau
+    patience and cooldown scale with the raised budget. ``repair``: run the width repair after
+    the fine-tune (:mod:`expand_and_cluster.repair`); rows also score the network before it.
+    """
 
     students: int = 20
     gamma: float = 0.5
@@ -97,6 +103,8 @@ class SuiteSettings:
     polish_iterations: int = 1500
     finetune_iterations: int = 3000
     held_out_fraction: float = 0.1
+    min_steps: int = 0
+    repair: bool = True
 
 
 @dataclass
@@ -176,12 +184,50 @@ def load_suite(path: str | Path) -> Suite:
     return Suite(str(raw.get("name", path.stem)), SuiteSettings(**settings), problems)
 
 
+def select_problems(suite: Suite, selectors: list[str]) -> Suite:
+    """The suite restricted to problems matching every selector ``KEY=V1[,V2...]`` (a problem
+    field and the values it may take; numbers compare as numbers: ``rho=4`` matches 4.0).
+
+    Raises
+    ------
+    InputError
+        On a malformed selector, an unknown field, or when no problem matches.
+    """
+    known = {f.name for f in fields(Problem)}
+    problems = list(suite.problems)
+    for sel in selectors:
+        key, eq, values = sel.partition("=")
+        key = key.strip()
+        if not eq or not values:
+            raise InputError(f"--select: expected KEY=VALUE[,VALUE...], got {sel!r}")
+        if key not in known:
+            raise InputError(f"--select: unknown field {key!r}; known: {sorted(known)}")
+        wanted = [v.strip() for v in values.split(",")]
+
+        def match(value, wanted=wanted) -> bool:
+            for w in wanted:
+                try:
+                    if value is not None and float(value) == float(w):
+                        return True
+                except (TypeError, ValueError):
+                    pass
+                if str(value) == w:
+                    return True
+            return False
+
+        problems = [p for p in problems if match(getattr(p, key))]
+    if not problems:
+        raise InputError(f"--select: no problem of suite {suite.name!r} matches {selectors}")
+    return Suite(suite.name, suite.settings, problems)
+
+
 def run_problem(problem: Problem, settings: SuiteSettings, device: str = "cpu") -> dict:
     """Plant, probe, recover and score one problem (students trained on ``device``, "cpu" or
     "cuda"); returns its result row."""
     from . import metrics
     from .clustering import ClusterConfig
     from .recover import RecoverConfig, recover
+    from .repair import RepairConfig
     from .teacher import planted_teacher, probe
     from .training import TrainConfig
 
@@ -197,6 +243,11 @@ def run_problem(problem: Problem, settings: SuiteSettings, device: str = "cpu") 
     teacher.weights[1][:, -1] *= problem.weak_outgoing
     X, Y = probe(teacher, problem.n_queries, problem.distribution, seed=problem.seed)
     width = None if problem.rho is None else max(1, math.ceil(problem.rho * problem.width))
+    n_train = problem.n_queries - int(round(settings.held_out_fraction * problem.n_queries))
+    epochs = max(
+        settings.epochs,
+        math.ceil(settings.min_steps / math.ceil(n_train / min(settings.batch_size, n_train))),
+    )
     cfg = RecoverConfig(
         activation=problem.activation,
         width=width,
@@ -204,18 +255,24 @@ def run_problem(problem: Problem, settings: SuiteSettings, device: str = "cpu") 
         train=TrainConfig(
             n_students=settings.students,
             batch_size=settings.batch_size,
-            max_epochs=settings.epochs,
+            max_epochs=epochs,
             polish_iterations=settings.polish_iterations,
-            patience=max(10, settings.epochs // 10),
-            cooldown=max(5, settings.epochs // 20),
+            patience=max(10, epochs // 10),
+            cooldown=max(5, epochs // 20),
             seed=problem.seed,
             progress=False,
         ),
         held_out_fraction=settings.held_out_fraction,
         finetune_iterations=settings.finetune_iterations,
         device=device,
+        repair=RepairConfig() if settings.repair else RepairConfig(0.0, grow_candidates=0),
     )
-    row = {**asdict(problem), "n_queries": problem.n_queries, "n_params": problem.n_params}
+    row = {
+        **asdict(problem),
+        "n_queries": problem.n_queries,
+        "n_params": problem.n_params,
+        "epochs": epochs,
+    }
     try:
         res = recover(X, Y, cfg)
     except NoClusterError as e:
@@ -227,6 +284,8 @@ def run_problem(problem: Problem, settings: SuiteSettings, device: str = "cpu") 
             "student_width": width,
             "success": False,
             "success_1e-6": False,
+            "success_without_repair": False,
+            "width_before_repair": 0,
             "max_distance": 1.0,
             "median_distance": 1.0,
             "held_out_relative_mse": None,
@@ -249,6 +308,21 @@ def run_problem(problem: Problem, settings: SuiteSettings, device: str = "cpu") 
     )
     row["success"] = bool(exact and al["max"] < THRESHOLDS[0])
     row["success_1e-6"] = bool(exact and al["max"] < THRESHOLDS[1])
+    # The paper's procedure alone (before this package's width repair), for comparison.
+    rep = res.repair
+    before = res.network if rep is None or not rep.changed else rep.before
+    if before is not res.network:
+        al = metrics.alignment(
+            teacher.incoming(0), before.incoming(0), problem.activation, before.input_mask
+        )
+    row.update(
+        width_before_repair=before.hidden_sizes[0],
+        repair_added=0 if rep is None else len(rep.added),
+        repair_pruned=0 if rep is None else len(rep.pruned),
+        success_without_repair=bool(
+            before.hidden_sizes == [problem.width] and al["max"] < THRESHOLDS[0]
+        ),
+    )
     return row
 
 
@@ -330,7 +404,16 @@ def summarise(rows: list[dict]) -> dict:
     """Success rates overall, per activation and per rho; median and total time."""
 
     def rate(sub, key="success"):
-        return float(np.mean([r[key] for r in sub])) if sub else None
+        # Rows written before the width repair existed count as "without repair".
+        return float(np.mean([r.get(key, r["success"]) for r in sub])) if sub else None
+
+    def rates(sub):
+        return {
+            "problems": len(sub),
+            "success_rate": rate(sub),
+            "success_rate_1e-6": rate(sub, "success_1e-6"),
+            "success_rate_without_repair": rate(sub, "success_without_repair"),
+        }
 
     by_act: dict = {}
     for r in rows:
@@ -342,15 +425,18 @@ def summarise(rows: list[dict]) -> dict:
         "problems": len(rows),
         "success_rate": rate(rows),
         "success_rate_1e-6": rate(rows, "success_1e-6"),
-        "per_activation": {
-            a: {
-                "problems": len(s),
-                "success_rate": rate(s),
-                "success_rate_1e-6": rate(s, "success_1e-6"),
+        "success_rate_without_repair": rate(rows, "success_without_repair"),
+        "per_activation": {a: rates(s) for a, s in sorted(by_act.items())},
+        "per_rho": {
+            k: {
+                **rates(s),
+                "per_activation": {
+                    a: rates([r for r in s if r["activation"] == a])
+                    for a in sorted({r["activation"] for r in s})
+                },
             }
-            for a, s in sorted(by_act.items())
+            for k, s in sorted(by_rho.items(), key=lambda kv: float(kv[0]))
         },
-        "per_rho": {k: {"problems": len(s), "success_rate": rate(s)} for k, s in by_rho.items()},
         "failures": {
             "wrong_width": sum(1 for r in rows if r.get("recovered_width") != r["width"]),
             "no_cluster": sum(1 for r in rows if r.get("status") == "no_cluster"),
@@ -370,14 +456,40 @@ def summary_markdown(summary: dict) -> str:
         f"Success (exact width, every teacher neuron within 1e-3): "
         f"{summary['success_rate']:.0%}; within 1e-6: {summary['success_rate_1e-6']:.0%}. "
         f"Median time per problem {summary['median_seconds']:.1f} s, total "
-        f"{summary['total_seconds']:.0f} s.",
+        f"{summary['total_seconds']:.0f} s. Without the width repair (the paper's procedure "
+        f"alone): {summary['success_rate_without_repair']:.0%}.",
         "",
-        "| activation | problems | success (1e-3) | success (1e-6) |",
-        "|---|---|---|---|",
+        "| activation | problems | success (1e-3) | success (1e-6) | without repair (1e-3) |",
+        "|---|---|---|---|---|",
     ]
     for a, s in summary["per_activation"].items():
         lines.append(
-            f"| {a} | {s['problems']} | {s['success_rate']:.0%} | {s['success_rate_1e-6']:.0%} |"
+            f"| {a} | {s['problems']} | {s['success_rate']:.0%} | {s['success_rate_1e-6']:.0%} "
+            f"| {s['success_rate_without_repair']:.0%} |"
+        )
+    lines += [
+        "",
+        "Per expansion factor rho and activation (successes at 1e-3 / problems; without repair "
+        "in brackets):",
+        "",
+        "| rho | all | " + " | ".join(summary["per_activation"]) + " |",
+        "|---|---|" + "---|" * len(summary["per_activation"]),
+    ]
+
+    def cell(s):
+        if not s or not s["problems"]:
+            return "-"
+        n = s["problems"]
+        ok = round(s["success_rate"] * n)
+        raw = round(s["success_rate_without_repair"] * n)
+        return f"{ok}/{n} ({raw})"
+
+    for k, s in summary["per_rho"].items():
+        per = s.get("per_activation", {})
+        lines.append(
+            f"| {k} | {cell(s)} | "
+            + " | ".join(cell(per.get(a)) for a in summary["per_activation"])
+            + " |"
         )
     f = summary["failures"]
     lines += [

@@ -82,6 +82,12 @@ def _add_cluster_options(g) -> None:
         help="drop clusters whose median angle exceeds beta (degrees)",
     )
     g.add_argument("--metric", choices=["cosine", "l2"], default="cosine")
+    g.add_argument(
+        "--no-repair",
+        action="store_true",
+        help="skip the width repair after the fine-tune (one hidden layer: prune redundant "
+        "neurons, add missing ones from the dropped clusters); the paper's procedure alone",
+    )
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
@@ -207,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "cpu", "cuda"],
         default="auto",
         help="where students train (default auto: cuda when available, else cpu)",
+    )
+    b.add_argument(
+        "--select",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE[,VALUE...]",
+        help="run only the problems whose field KEY takes one of the values (repeatable, "
+        "e.g. --select rho=4 --select activation=tanh,g)",
     )
     b.add_argument("--quiet", action="store_true")
 
@@ -356,7 +370,16 @@ def _configs(args, hidden_layers: int = 1):
         held_out_fraction=args.held_out_fraction,
         finetune_iterations=max(0, args.finetune_iterations),
         device=args.device,
+        repair=_repair_config(args),
     )
+
+
+def _repair_config(args):
+    from .repair import RepairConfig
+
+    if args.no_repair:
+        return RepairConfig(prune_tolerance=0.0, grow_candidates=0)
+    return RepairConfig()
 
 
 def _checkpoint_path(out: Path) -> Path:
@@ -455,6 +478,7 @@ def _run(
             "train": res.timings_s["search"] + res.timings_s["train"],
             "cluster": res.timings_s["cluster"],
             "finetune": res.timings_s["finetune"],
+            "repair": res.timings_s["repair"],
             "total": t_probe + (time.perf_counter() - t0),
         },
         hidden_layers=n_layers,
@@ -470,6 +494,7 @@ def _run(
         relative_mse_before_finetune=res.relative_mse["initial_train"],
         bits_of_precision=bits,
         student_stop_reasons=res.training.stop_reason,
+        width_repair=None if res.repair is None else res.repair.to_json(),
         **(extra or {}),
     )
     report.write_json_atomic(out.path("report.json"), rep)
@@ -590,6 +615,7 @@ def cmd_cluster(args, log) -> int:
         finetune_iterations=max(0, args.finetune_iterations),
         train=dataclasses.replace(old.train, progress=not args.quiet),
         device="cpu",
+        repair=_repair_config(args),
     )
     if cfg.cluster.gamma * cfg.train.n_students < 2:
         raise InputError(
@@ -664,11 +690,13 @@ def cmd_demo(args, log) -> int:
 
 
 def cmd_bench(args, log) -> int:
-    from .bench import load_suite, run_suite, summarise, summary_markdown
+    from .bench import load_suite, run_suite, select_problems, summarise, summary_markdown
 
     device = _resolve_device(args.device)
     _check_device(device)
     suite = load_suite(args.suite)
+    if args.select:
+        suite = select_problems(suite, args.select)
     log(f"students train on {device}")
     rows = run_suite(suite, args.out, jobs=args.jobs, log=log, device=device)
     summary = summarise(rows)

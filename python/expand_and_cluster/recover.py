@@ -29,6 +29,7 @@ from .reconstruction import (
     reconstruct_one_hidden_layer,
     resolve_linear_signs,
 )
+from .repair import RepairConfig, RepairResult, repair_width
 from .students import StudentEnsemble
 from .training import (
     ExpansionSearchConfig,
@@ -65,6 +66,9 @@ class RecoverConfig:
         are then fed is as exact as the best student allows (0: no refinement; even_linear
         classes skip it).
     device : "cpu" or "cuda" (student training; clustering and fine-tune run on the CPU).
+    repair : width repair of the last hidden layer after the final fine-tune
+        (:class:`~expand_and_cluster.repair.RepairConfig`; not part of the paper's procedure;
+        deep networks of the even_linear classes are not repaired).
     """
 
     activation: str
@@ -79,6 +83,7 @@ class RecoverConfig:
     layer_finetune_lr_factor: float = 0.1
     layer_refine_iterations: int = 1000
     device: str = "cpu"
+    repair: RepairConfig = field(default_factory=RepairConfig)
 
     def __post_init__(self) -> None:
         get_activation(self.activation)
@@ -117,6 +122,7 @@ class RecoverConfig:
             d["cluster"] = ClusterConfig(**d["cluster"])
             d["train"] = TrainConfig(**d["train"])
             d["search"] = ExpansionSearchConfig(**d["search"])
+            d["repair"] = RepairConfig(**d.get("repair", {}))  # absent in checkpoints before 0.1.0
             return cls(**d)
         except (KeyError, TypeError) as e:
             raise InputError(
@@ -250,10 +256,13 @@ class RecoveryResult:
     expansion_search : per tried width, the quick students' losses (None if ``width`` was given).
     relative_mse : {"train", "held_out" (None without held-out queries), "initial_train"}.
     finetune : the final fine-tune's :class:`~expand_and_cluster.reconstruction.FinetuneResult`.
-    timings_s : {"search", "train", "cluster", "finetune", "total"} in seconds ("finetune"
-        includes the students' per-layer fine-tunes of a deep network).
+    timings_s : {"search", "train", "cluster", "finetune", "repair", "total"} in seconds
+        ("finetune" includes the students' per-layer fine-tunes of a deep network).
     n_train, n_held_out : query counts; held_out_index : indices of the held-out queries.
     resumed_from : name of the checkpoint stage the run started from, or None.
+    repair : the width repair's :class:`~expand_and_cluster.repair.RepairResult` of the last
+        hidden layer (None when that layer was not clustered in this run, i.e. resumed past it,
+        or for a deep even_linear network).
     """
 
     network: Network
@@ -270,6 +279,7 @@ class RecoveryResult:
     n_held_out: int
     held_out_index: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, int))
     resumed_from: str | None = None
+    repair: RepairResult | None = None
 
 
 def split_queries(n: int, held_out_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -408,7 +418,7 @@ def recover(
         f"{n_layers} hidden layer(s)"
     )
     var_out = output_variance(yt)
-    timings = {"search": 0.0, "train": 0.0, "cluster": 0.0, "finetune": 0.0}
+    timings = {"search": 0.0, "train": 0.0, "cluster": 0.0, "finetune": 0.0, "repair": 0.0}
     resumed = None
 
     # 1-2. Expand: the students.
@@ -485,6 +495,7 @@ def recover(
     prefix: list[np.ndarray] = []  # recovered incoming vectors, over [plain input; 1]
     layers: list[LayerSummary] = []
     first_clustering = None
+    candidates: list[dict] | None = None  # grow candidates of the width repair (last layer)
     plain = [Xtr]  # plain[i]: input of hidden layer i on the training queries
     u = Xtr  # the students' current input: plain[l] (and plain[l - 1], even_linear deep nets)
     start = 0
@@ -518,6 +529,8 @@ def recover(
         cl = cluster_layer(incoming, outgoing, losses, act.name, cfg.cluster, mask_l)
         if l == 0:
             first_clustering = cl
+        if l == n_layers - 1:
+            candidates = _grow_candidates(cl, incoming.numpy(), losses, cfg.cluster.beta_degrees)
         dt = time.perf_counter() - t0
         timings["cluster"] += dt
         summary = LayerSummary.from_clustering(l, cl, dt)
@@ -609,6 +622,20 @@ def recover(
         network = ft.network
         network.input_mask = mask
     timings["finetune"] += time.perf_counter() - t0
+    repaired = None
+    if candidates is not None and (n_layers == 1 or not act.symmetry.has_linear_term):
+        t0 = time.perf_counter()
+        repaired = _repair_last_layer(network, candidates, Xtr, Ytr, cfg)
+        network = repaired.network
+        network.input_mask = mask
+        timings["repair"] = time.perf_counter() - t0
+        if repaired.changed:
+            say(
+                f"width repair of hidden layer {n_layers - 1}: {repaired.width_before} -> "
+                f"{network.hidden_sizes[-1]} ({len(repaired.added)} added, "
+                f"{len(repaired.pruned)} pruned, {repaired.trials} trials, "
+                f"{timings['repair']:.1f} s)"
+            )
     rmse = {
         "train": relative_mse(network.forward(Xtr), Ytr),
         "held_out": relative_mse(network.forward(X[held_idx]), Y[held_idx])
@@ -636,7 +663,67 @@ def recover(
         len(held_idx),
         held_idx,
         resumed,
+        repaired,
     )
+
+
+def _repair_last_layer(
+    network: Network, candidates: list[dict], x: np.ndarray, y: np.ndarray, cfg: RecoverConfig
+) -> RepairResult:
+    """Width repair (:func:`~expand_and_cluster.repair.repair_width`) of the last hidden layer.
+
+    With one hidden layer, the network itself. With several (classes without a linear term
+    only), the top part (last hidden layer and output layer) is repaired on the features of the
+    fixed layers below, and the whole network is then fine-tuned when anything changed. The
+    returned result's ``network`` and ``before`` are whole networks.
+    """
+    if len(network.hidden_sizes) == 1:
+        return repair_width(
+            network, candidates, x, y, cfg.repair, final_iterations=cfg.finetune_iterations
+        )
+    below = _prefix_features(
+        [network.incoming(i) for i in range(len(network.weights) - 2)], x, network.activation
+    )[-1]
+    top = Network(network.weights[-2:], network.biases[-2:], network.activation)
+    res = repair_width(top, candidates, below, y, cfg.repair, final_iterations=0)
+    res.before = network
+    if res.changed:
+        full = Network(
+            network.weights[:-2] + res.network.weights,
+            network.biases[:-2] + res.network.biases,
+            network.activation,
+        )
+        if cfg.finetune_iterations > 0:
+            full = finetune(full, x, y, max_iterations=cfg.finetune_iterations).network
+        res.network = full
+    else:
+        res.network = network
+    return res
+
+
+def _grow_candidates(
+    cl: LayerClustering, incoming: np.ndarray, losses: np.ndarray, beta_degrees: float
+) -> list[dict]:
+    """Candidate neurons for :func:`~expand_and_cluster.repair.grow_neurons`: the clusters the
+    gamma filter dropped whose median angle is within beta, largest first; each represented by
+    the member of its lowest-loss student. ``incoming`` is ``[N, width, fan_in + 1]``."""
+    n, width = incoming.shape[:2]
+    flat = incoming.reshape(n * width, -1)
+    out = []
+    for d in cl.dropped:
+        if d.median_angle_degrees > beta_degrees:
+            continue
+        members = np.asarray(d.members)
+        best = members[np.argmin(np.asarray(losses)[members // width])]
+        out.append(
+            {
+                "incoming": flat[best].astype(np.float64),
+                "size": int(d.size),
+                "median_angle_degrees": float(d.median_angle_degrees),
+            }
+        )
+    out.sort(key=lambda c: (-c["size"], c["median_angle_degrees"]))
+    return out
 
 
 def _orient_last_layer(

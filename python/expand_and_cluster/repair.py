@@ -1,0 +1,350 @@
+"""Width repair of a recovered one-hidden-layer network: prune redundant neurons, add missing
+ones from the clusters the gamma filter dropped.
+
+This is a post-processing step of this package, not part of the paper's procedure (Martinelli et
+al. 2024, Sec. 3 ends with the fine-tune). It acts only where the fine-tuned network shows the
+width is wrong:
+
+* **prune** (the width is too large): a hidden neuron whose removal (output layer refitted by
+  least squares, and a short fine-tune when the refit comes close) leaves the relative MSE under
+  ``max(prune_tolerance, prune_factor * r0)`` (r0: before pruning) is not needed and goes. The
+  teacher is the minimal network, so an exact network with a redundant neuron is not minimal,
+  and a needed neuron's removal costs orders of magnitude, not a factor of 10. Typical causes:
+  one teacher neuron split into two clusters that both passed gamma; a spurious neuron that
+  stayed next to the teacher's after an imprecise fine-tune.
+* **grow** (the width is too small): the network's relative MSE is above ``grow_target``, so some
+  teacher neuron is missing. The clusters dropped by the gamma filter (median angle within
+  beta) are the candidates, each represented by its best student's member: they are ranked by
+  the fit of a least-squares refit of the output layer with them added, the best few are
+  fine-tuned (short L-BFGS), and the best of those is kept when it lowers the training relative
+  MSE at least ``grow_factor`` times. A missing teacher neuron lowers it by orders of
+  magnitude; a spurious one, with 20 or more queries per parameter, by little. Typical cause: a
+  weak teacher neuron (small outgoing weights) whose members spread beyond the tree cut.
+
+Decisions use the training queries only, so the held-out relative MSE stays an unbiased score.
+In a deep network only the last hidden layer is repaired, as a one-hidden-layer network on the
+features of the fixed layers below (``recover`` does this; the functions here take one hidden
+layer).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .metrics import relative_mse
+from .network import Network
+from .reconstruction import finetune, hidden_features, reconstruct_one_hidden_layer
+
+#: At most this many candidates (the first ones given) are scored by a least-squares refit per
+#: added neuron.
+_MAX_SCORED = 64
+#: A grow round that lowers the relative MSE less than this many times ends the rounds.
+_MIN_ROUND_GAIN = 1.5
+
+
+@dataclass(frozen=True)
+class RepairConfig:
+    """Settings of :func:`repair_width` (validated: ValueError naming the field).
+
+    Attributes
+    ----------
+    prune_tolerance : relative MSE (dimensionless) under which a network counts as exact; a
+        removal is kept when the relative MSE stays under ``max(prune_tolerance, prune_factor *
+        r0)``, r0 the network's relative MSE before pruning. 0 disables pruning.
+    prune_factor : see ``prune_tolerance``.
+    prune_below : pruning is tried only when the network's relative MSE is at most this.
+    grow_candidates : dropped clusters tried per added neuron (largest first). 0 disables growing.
+    grow_target : relative MSE above which growing is tried.
+    grow_factor : an added neuron is kept when it lowers the relative MSE at least this many times.
+    max_added : most neurons added.
+    iterations : L-BFGS iterations of each trial's fine-tune.
+    trial_queries : the trials (grow and prune decisions) see a seeded random subset of this
+        many training queries (0, the default: all); the final fine-tune sees all. Bounds the
+        repair's cost on large query sets (the suite results in benchmarks/RESULTS.md use all).
+    """
+
+    prune_tolerance: float = 1e-12
+    prune_factor: float = 10.0
+    prune_below: float = 1e-8
+    grow_candidates: int = 4
+    grow_target: float = 1e-10
+    grow_factor: float = 100.0
+    max_added: int = 4
+    iterations: int = 500
+    trial_queries: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("prune_tolerance", 0 <= self.prune_tolerance < 1, "in [0, 1)"),
+            ("prune_factor", self.prune_factor >= 1, ">= 1"),
+            ("prune_below", self.prune_below >= 0, ">= 0"),
+            ("grow_candidates", self.grow_candidates >= 0, ">= 0"),
+            ("grow_target", self.grow_target >= 0, ">= 0"),
+            ("grow_factor", self.grow_factor > 1, "> 1"),
+            ("max_added", self.max_added >= 0, ">= 0"),
+            ("iterations", self.iterations >= 0, ">= 0"),
+            ("trial_queries", self.trial_queries >= 0, ">= 0"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
+
+
+@dataclass
+class RepairResult:
+    """Outcome of :func:`repair_width`.
+
+    Attributes
+    ----------
+    network : the repaired network (the input network when nothing changed).
+    before : the input network.
+    width_before : width of the repaired (last) hidden layer before the repair.
+    pruned : incoming vectors ``[w; b]`` of the removed neurons, in removal order.
+    added : one dict per added neuron: ``{"cluster_size", "median_angle_degrees",
+        "relative_mse_before", "relative_mse_after"}``.
+    trials : fine-tunes run (prune and grow).
+    seconds : wall time.
+    """
+
+    network: Network
+    before: Network
+    width_before: int
+    pruned: list = field(default_factory=list)
+    added: list = field(default_factory=list)
+    trials: int = 0
+    seconds: float = 0.0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.pruned or self.added)
+
+    def to_json(self) -> dict:
+        return {
+            "layer": len(self.network.hidden_sizes) - 1,
+            "width_before": self.width_before,
+            "width_after": self.network.hidden_sizes[-1],
+            "pruned": len(self.pruned),
+            "added": self.added,
+            "trials": self.trials,
+            "seconds": self.seconds,
+        }
+
+
+def _rebuild(incoming: np.ndarray, net: Network, x: np.ndarray, y: np.ndarray) -> Network:
+    """Network with hidden layer ``incoming`` and a least-squares output layer (and linear term
+    for the even_linear classes)."""
+    return reconstruct_one_hidden_layer(incoming, x, y, net.activation, net.input_mask)
+
+
+def _tuned(net: Network, x, y, iterations: int, lm: bool = False) -> Network:
+    """``net`` fine-tuned by L-BFGS (and Levenberg-Marquardt when ``lm``; small networks)."""
+    if iterations <= 0:
+        return net
+    out = finetune(net, x, y, max_iterations=iterations, lm_iterations=50 if lm else 0).network
+    out.input_mask = net.input_mask
+    return out
+
+
+def prune_neurons(
+    net: Network,
+    x: np.ndarray,
+    y: np.ndarray,
+    tolerance: float,
+    iterations: int = 500,
+    factor: float = 1.0,
+    below: float = 1e-8,
+) -> tuple[Network, list[np.ndarray], int]:
+    """Remove hidden neurons of a one-hidden-layer network that it does not need.
+
+    Only a nearly exact network is pruned: its relative MSE ``r0`` on ``(x, y)`` must be at most
+    ``below`` (an imprecise network loses little with any one neuron, needed or not). The
+    allowance is ``a = max(tolerance, factor * r0)``: a removal is kept when the relative MSE
+    stays at or under ``a``. Neurons are tried in order of increasing contribution
+    ``||W_out[:, j]|| * std(h_j)``; each removal refits the output layer by least squares, and
+    when that leaves a relative MSE above ``a`` but under ``1e4 a``, fine-tunes (``iterations``
+    L-BFGS iterations, then Levenberg-Marquardt; two near-parallel neurons standing in for one
+    teacher neuron need it: seen 5.6e-10 after the refit, 2e-11 after 500 L-BFGS iterations,
+    2e-32 with Levenberg-Marquardt). A neuron the network needs leaves orders of magnitude more
+    and is not fine-tuned for.
+
+    Parameters
+    ----------
+    net : one hidden layer, float64. x : ``[P, d_in]``; y : ``[P, d_out]`` (float64).
+    tolerance : relative MSE (dimensionless); 0 disables pruning.
+    below : relative MSE above which nothing is pruned.
+    factor : how much worse than ``net`` a pruned network may fit (1: no worse; an exact
+        network, at or under ``tolerance``, may always go up to ``tolerance``).
+
+    Returns
+    -------
+    (network, removed incoming vectors, fine-tunes run)
+
+    Raises
+    ------
+    ValueError
+        When ``net`` has more than one hidden layer.
+    """
+    if len(net.hidden_sizes) != 1:
+        raise ValueError(f"net: expected one hidden layer, got widths {net.hidden_sizes}")
+    removed: list[np.ndarray] = []
+    trials = 0
+    r0 = relative_mse(net.forward(x), y)
+    if tolerance <= 0 or r0 > below:
+        return net, removed, trials
+    allowance = max(tolerance, factor * r0)
+    changed = True
+    while changed and net.hidden_sizes[0] > 1:
+        changed = False
+        inc = net.incoming(0)
+        h = hidden_features(x, inc, net.activation)
+        contribution = np.linalg.norm(net.weights[1], axis=0) * h.std(axis=0)
+        for j in np.argsort(contribution, kind="stable"):
+            trial = _rebuild(np.delete(inc, j, axis=0), net, x, y)
+            rel = relative_mse(trial.forward(x), y)
+            if allowance < rel <= 1e4 * allowance:
+                trial = _tuned(trial, x, y, iterations, lm=True)
+                trials += 1
+                rel = relative_mse(trial.forward(x), y)
+            if rel <= allowance:
+                removed.append(inc[j].copy())
+                net = trial
+                changed = True
+                break
+    return net, removed, trials
+
+
+def grow_neurons(
+    net: Network,
+    candidates: list[dict],
+    x: np.ndarray,
+    y: np.ndarray,
+    config: RepairConfig,
+) -> tuple[Network, list[dict], int]:
+    """Add neurons from ``candidates`` when they lower the relative MSE on ``(x, y)`` enough.
+
+    Greedy, with look-ahead: each round tries, as one extra neuron, the ``grow_candidates``
+    largest candidates and the ``grow_candidates`` best by a least-squares refit of the output
+    layer (of the first 64), each fine-tuned for ``config.iterations`` L-BFGS iterations, and
+    tentatively keeps the best; rounds go on while a round lowers the relative MSE at least 1.5
+    times, up to ``max_added`` neurons or ``grow_target``. Then the first m tentative neurons are
+    kept for the largest m whose relative MSE is at most ``grow_target`` or at least
+    ``grow_factor ** m`` times lower than at the start. The look-ahead matters when two teacher
+    neurons are missing: the first one added may gain little until the second is in (seen: 5.7
+    times, then 1.6e5 times).
+
+    Parameters
+    ----------
+    net : one hidden layer, float64.
+    candidates : dicts ``{"incoming": [d_in + 1] float64, "size": int,
+        "median_angle_degrees": float}``.
+    x, y : ``[P, d_in]``, ``[P, d_out]`` float64 training queries.
+
+    Returns
+    -------
+    (network, one record per added neuron, fine-tunes run)
+    """
+    trials = 0
+    original = net
+    pool = list(candidates)
+    start = current = relative_mse(net.forward(x), y)
+    k = config.grow_candidates
+    steps: list[tuple[Network, float, dict]] = []
+    while k > 0 and pool and len(steps) < config.max_added and current > config.grow_target:
+        scored = []
+        for i, cand in enumerate(pool[:_MAX_SCORED]):
+            inc = np.concatenate([net.incoming(0), np.asarray(cand["incoming"])[None, :]], axis=0)
+            trial = _rebuild(inc, net, x, y)
+            score = relative_mse(trial.forward(x), y)
+            scored.append((score if np.isfinite(score) else np.inf, i, trial))
+        by_fit = sorted(scored, key=lambda r: (r[0], r[1]))[:k]
+        by_size = sorted(scored, key=lambda r: (-pool[r[1]]["size"], r[1]))[:k]
+        tried = {}
+        for _, i, trial in by_size + by_fit:
+            if i in tried:
+                continue
+            trial = _tuned(trial, x, y, config.iterations)
+            trials += 1
+            rel = relative_mse(trial.forward(x), y)
+            tried[i] = (rel if np.isfinite(rel) else np.inf, trial)
+        i = min(tried, key=lambda j: (tried[j][0], j))
+        rel, trial = tried[i]
+        if rel * _MIN_ROUND_GAIN > current:
+            break
+        cand = pool.pop(i)
+        steps.append(
+            (
+                trial,
+                rel,
+                {
+                    "cluster_size": int(cand["size"]),
+                    "median_angle_degrees": float(cand["median_angle_degrees"]),
+                    "relative_mse_before": float(current),
+                    "relative_mse_after": float(rel),
+                },
+            )
+        )
+        net, current = trial, rel
+    keep = 0
+    for m, (_, rel, _) in enumerate(steps, start=1):
+        if rel <= config.grow_target or rel * config.grow_factor**m <= start:
+            keep = m
+    if keep == 0:
+        return original, [], trials
+    return steps[keep - 1][0], [rec for _, _, rec in steps[:keep]], trials
+
+
+def repair_width(
+    net: Network,
+    candidates: list[dict],
+    x: np.ndarray,
+    y: np.ndarray,
+    config: RepairConfig = RepairConfig(),
+    final_iterations: int = 3000,
+) -> RepairResult:
+    """Grow, then prune, a fine-tuned one-hidden-layer network (see the module docstring); when
+    anything changed, fine-tune the result for ``final_iterations`` L-BFGS iterations (with the
+    Levenberg-Marquardt finish of :func:`~expand_and_cluster.reconstruction.finetune`).
+
+    Parameters
+    ----------
+    net : the fine-tuned recovered network (one hidden layer, float64).
+    candidates : see :func:`grow_neurons`.
+    x, y : ``[P, d_in]``, ``[P, d_out]`` float64 training queries.
+
+    Returns
+    -------
+    RepairResult
+
+    Raises
+    ------
+    ValueError
+        When ``net`` has more than one hidden layer.
+    """
+    if len(net.hidden_sizes) != 1:
+        raise ValueError(f"net: expected one hidden layer, got widths {net.hidden_sizes}")
+    t0 = time.perf_counter()
+    width = net.hidden_sizes[0]
+    xs, ys = x, y
+    if 0 < config.trial_queries < len(x):
+        pick = np.sort(np.random.default_rng(0).choice(len(x), config.trial_queries, replace=False))
+        xs, ys = x[pick], y[pick]
+    grown, added, t_grow = grow_neurons(net, candidates, xs, ys, config)
+    pruned_net, pruned, t_prune = prune_neurons(
+        grown,
+        xs,
+        ys,
+        config.prune_tolerance,
+        config.iterations,
+        config.prune_factor,
+        config.prune_below,
+    )
+    out = RepairResult(pruned_net, net, width, pruned, added, t_grow + t_prune)
+    if out.changed and final_iterations > 0:
+        mask = pruned_net.input_mask
+        out.network = finetune(pruned_net, x, y, max_iterations=final_iterations).network
+        out.network.input_mask = mask
+    out.seconds = time.perf_counter() - t0
+    return out
