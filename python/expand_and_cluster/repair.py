@@ -56,9 +56,11 @@ class RepairConfig:
         r0)``, r0 the network's relative MSE before pruning. 0 disables pruning.
     prune_factor : see ``prune_tolerance``.
     prune_below : pruning is tried only when the network's relative MSE is at most this.
-    grow_candidates : dropped clusters tried per added neuron (largest first). 0 disables growing.
+    grow_candidates : k; per round the k largest candidates and the k best by a least-squares
+        refit are fine-tuned as an extra neuron (at most 2k trials). 0 disables growing.
     grow_target : relative MSE above which growing is tried.
-    grow_factor : an added neuron is kept when it lowers the relative MSE at least this many times.
+    grow_factor : m added neurons are kept when together they lower the relative MSE at least
+        ``grow_factor ** m`` times (or reach ``grow_target``).
     max_added : most neurons added.
     iterations : L-BFGS iterations of each trial's fine-tune.
     trial_queries : the trials (grow and prune decisions) see a seeded random subset of this
