@@ -103,7 +103,6 @@ class RepairResult:
     ----------
     network : the repaired network (the input network when nothing changed).
     before : the input network.
-    width_before : width of the repaired (last) hidden layer before the repair.
     pruned : incoming vectors ``[w; b]`` of the removed neurons, in removal order.
     added : one dict per added neuron: ``{"cluster_size", "median_angle_degrees",
         "relative_mse_before", "relative_mse_after"}``.
@@ -113,11 +112,15 @@ class RepairResult:
 
     network: Network
     before: Network
-    width_before: int
     pruned: list = field(default_factory=list)
     added: list = field(default_factory=list)
     trials: int = 0
     seconds: float = 0.0
+
+    @property
+    def width_before(self) -> int:
+        """Width of the repaired (last) hidden layer before the repair."""
+        return self.before.hidden_sizes[-1]
 
     @property
     def changed(self) -> bool:
@@ -133,6 +136,11 @@ class RepairResult:
             "trials": self.trials,
             "seconds": self.seconds,
         }
+
+
+def _require_one_hidden_layer(net: Network) -> None:
+    if len(net.hidden_sizes) != 1:
+        raise ValueError(f"net: expected one hidden layer, got widths {net.hidden_sizes}")
 
 
 def _rebuild(incoming: np.ndarray, net: Network, x: np.ndarray, y: np.ndarray) -> Network:
@@ -189,8 +197,7 @@ def prune_neurons(
     ValueError
         When ``net`` has more than one hidden layer.
     """
-    if len(net.hidden_sizes) != 1:
-        raise ValueError(f"net: expected one hidden layer, got widths {net.hidden_sizes}")
+    _require_one_hidden_layer(net)
     removed: list[np.ndarray] = []
     trials = 0
     r0 = relative_mse(net.forward(x), y)
@@ -325,10 +332,8 @@ def repair_width(
     ValueError
         When ``net`` has more than one hidden layer.
     """
-    if len(net.hidden_sizes) != 1:
-        raise ValueError(f"net: expected one hidden layer, got widths {net.hidden_sizes}")
+    _require_one_hidden_layer(net)
     t0 = time.perf_counter()
-    width = net.hidden_sizes[0]
     xs, ys = x, y
     if 0 < config.trial_queries < len(x):
         pick = np.sort(np.random.default_rng(0).choice(len(x), config.trial_queries, replace=False))
@@ -343,7 +348,7 @@ def repair_width(
         config.prune_factor,
         config.prune_below,
     )
-    out = RepairResult(pruned_net, net, width, pruned, added, t_grow + t_prune)
+    out = RepairResult(pruned_net, net, pruned, added, t_grow + t_prune)
     if out.changed and final_iterations > 0:
         mask = pruned_net.input_mask
         out.network = finetune(pruned_net, x, y, max_iterations=final_iterations).network
