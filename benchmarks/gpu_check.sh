@@ -70,7 +70,8 @@ export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 
 # -W default: a new torch's deprecation warnings must not fail the kernel checks here (the
 # project's CI keeps warnings as errors).
-run_step tests "$T_TESTS" "$py" -m pytest -q -p no:cacheprovider -W default \
+# PYTEST_ARGS: extra pytest arguments, e.g. "-n 4" where pytest-xdist is installed.
+run_step tests "$T_TESTS" "$py" -m pytest -q -p no:cacheprovider -W default ${PYTEST_ARGS:-} \
   tests/test_cuda.py tests/test_ops.py
 
 run_step bench "$T_BENCH" "$py" benchmarks/bench_gpu.py "$out/bench_gpu.json"
@@ -83,12 +84,20 @@ run_step demo "$T_DEMO" "$site/bin/expand-and-cluster" demo --device cuda --quie
   --out "$work/demo"
 cp "$work/demo/report.json" "$out/demo_report.json" 2>/dev/null || true
 
+# The small identifiability suite with students on the GPU (issue 5's GPU wall time; not in the
+# default steps): STEPS="... suite", SUITE (default benchmarks/suites/small.json), SUITE_JOBS.
+run_step suite "${T_SUITE:-300}" "$site/bin/expand-and-cluster" bench \
+  "${SUITE:-benchmarks/suites/small.json}" --device cuda --jobs "${SUITE_JOBS:-4}" \
+  --out "$work/suite"
+cp "$work/suite/summary.md" "$out/suite_summary.md" 2>/dev/null || true
+cp "$work/suite/results.jsonl" "$out/suite_results.jsonl" 2>/dev/null || true
+
 cat >"$work/one_call_each.py" <<'PY'
 import torch
 from expand_and_cluster import ops
 ops.CUDA_TORCH_PATH_MIN_LAYER_SIZE = 10**9  # the fused kernel at every size below
 dev = "cuda"
-for version, dtype in [(v, t) for v in (1, 2) for t in (torch.float32, torch.float64)]:
+for version, dtype in [(v, t) for v in (1, 2, 3) for t in (torch.float32, torch.float64)]:
     ops.set_cuda_kernel_version(version)
     g = torch.Generator().manual_seed(0)
     widths = [5, 33, 17, 3]
@@ -98,6 +107,13 @@ for version, dtype in [(v, t) for v in (1, 2) for t in (torch.float32, torch.flo
     y = torch.randn(70, 3, generator=g).to(dev, dtype)
     ops.mlp_forward(ws, bs, x, "gelu")
     loss, gw, gb = ops.mlp_mse_grad(ws, bs, x, y, "tanh")
+    # one hidden layer, toy size (version 3's thin kernel), a partial last tile
+    thin = [torch.randn(3, 40, 10, generator=g).to(dev, dtype),
+            torch.randn(3, 1, 40, generator=g).to(dev, dtype)]
+    thinb = [torch.randn(3, 40, generator=g).to(dev, dtype),
+             torch.randn(3, 1, generator=g).to(dev, dtype)]
+    ops.mlp_mse_grad(thin, thinb, torch.randn(70, 10, generator=g).to(dev, dtype),
+                     torch.randn(70, 1, generator=g).to(dev, dtype), "softplus")
     # the global-memory path (tile buffers too large for shared memory)
     big = [torch.randn(2, 256, 784).to(dev, dtype), torch.randn(2, 10, 256).to(dev, dtype)]
     bigb = [torch.zeros(2, 256).to(dev, dtype), torch.zeros(2, 10).to(dev, dtype)]
@@ -123,6 +139,7 @@ for s in build $STEPS; do
   printf '%-28s %-18s %5s s\n' "$s" "${status[$s]:-not run}" "${secs[$s]:-}"
 done
 grep -sE "passed|failed" "$out/tests.log" | tail -n 1
+[ -f "$out/suite_summary.md" ] && head -n 30 "$out/suite_summary.md"
 [ -f "$out/demo_report.json" ] && "$py" - "$out/demo_report.json" <<'PY' || true
 import json, sys
 r = json.load(open(sys.argv[1]))

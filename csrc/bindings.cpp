@@ -243,11 +243,11 @@ void set_num_threads(int n) {
 
 namespace eac {
 namespace {
-std::atomic<int> g_cuda_kernel_version{2};
+std::atomic<int> g_cuda_kernel_version{3};
 }
 void set_cuda_kernel_version(int version) {
-  if (version != 1 && version != 2)
-    throw std::invalid_argument("set_cuda_kernel_version: expected 1 or 2, got " +
+  if (version < 1 || version > 3)
+    throw std::invalid_argument("set_cuda_kernel_version: expected 1, 2 or 3, got " +
                                 std::to_string(version));
   g_cuda_kernel_version.store(version);
 }

@@ -12,6 +12,10 @@
 // entry is owned by one thread of the block); a second kernel sums the chunks of each student in
 // chunk order. The chunk partition depends on the shapes, the dtype and the device's shared
 // memory only, so two calls give bitwise equal results.
+//
+// Kernel versions (ops.set_cuda_kernel_version): 1 = mlp_kernel, 2 = mlp_kernel_v2 (register
+// tiles, gradient sums in shared memory), 3 (default) = version 2 plus mlp_thin_kernel for the
+// gradients of one-hidden-layer students at the toy sizes (one thread per hidden neuron).
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
@@ -86,6 +90,11 @@ struct Plan {
   // shared memory together; it needs smem_bytes_v2 of dynamic shared memory.
   bool v2 = false;
   size_t smem_bytes_v2 = 0;
+  // Version 3 (gradients of one-hidden-layer thin students, mlp_thin_kernel): its own tiles and
+  // chunks, thin_threads threads per block, smem_bytes_thin of dynamic shared memory.
+  bool thin = false;
+  size_t smem_bytes_thin = 0;
+  int thin_threads = 0;
   int64_t items = 0;
   size_t part_off = 0, ploss_off = 0, gscratch_off = 0, total = 0;
 };
@@ -95,6 +104,50 @@ inline int max_optin_smem(int device) {
   cuda::check(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
               "cudaDeviceGetAttribute");
   return v;
+}
+
+// Version 3 ("thin" students; the kernel and its description are below, mlp_thin_kernel).
+// Rows per tile of the version-3 kernel (three barriers per tile).
+constexpr int kThinRows = 32;
+constexpr int kThinMaxIn = 16;
+constexpr int kThinMaxOut = 4;
+constexpr int kThinMaxWidth = 256;  // threads per block = width rounded up to whole warps
+// Static shared memory of the version-3 kernel (per-thread losses, output-bias sums per unit).
+constexpr size_t kThinStaticSmem = sizeof(double) * (kThinMaxWidth + kThinMaxOut * kThinRows);
+// Chunks per student: about this many blocks over all students, whatever the GPU (the partition
+// must not depend on the device, so that results are the same on every GPU).
+constexpr int64_t kThinTargetBlocks = 1024;
+
+inline bool thin_applies(const MlpParams& p) {
+  return p.n_linear == 2 && p.widths[0] <= kThinMaxIn && p.widths[1] <= kThinMaxWidth &&
+         p.widths[2] <= kThinMaxOut;
+}
+
+inline int thin_d(int d_in) { return d_in <= 4 ? 4 : d_in <= 8 ? 8 : 16; }
+
+inline int thin_threads(int width) { return (width + 31) / 32 * 32; }
+
+// Whether an activation's derivative reads the pre-activation z (else only a = f(z)).
+template <Act A>
+constexpr bool kDfNeedsZ = !(A == Act::Identity || A == Act::Tanh || A == Act::Sigmoid);
+
+inline bool df_needs_z(int activation) {
+  const Act A = static_cast<Act>(activation);
+  return !(A == Act::Identity || A == Act::Tanh || A == Act::Sigmoid);
+}
+
+// Dynamic shared memory of the version-3 kernel: the input tile [kThinRows][D], the targets and
+// the scaled errors [2][kThinMaxOut][kThinRows], the activations (and the pre-activations, for
+// the activations whose derivative reads them) [1 or 2][kThinRows][threads] and the output
+// products [d_out][kThinRows][threads].
+template <typename T>
+size_t thin_smem_bytes(const MlpParams& p) {
+  constexpr int TR = kThinRows;
+  const size_t threads = size_t(thin_threads(p.widths[1]));
+  const size_t hz = df_needs_z(p.activation) ? 2 : 1;
+  const size_t elems = size_t(TR) * thin_d(p.widths[0]) + 2 * size_t(kThinMaxOut) * TR +
+                       hz * TR * threads + size_t(p.widths[2]) * TR * threads;
+  return elems * sizeof(T);
 }
 
 template <typename T>
@@ -151,8 +204,35 @@ Plan<T> make_plan(const MlpParams& p, bool grad) {
     pl.v2 = cuda_kernel_version() >= 2 &&
             pl.smem_bytes_v2 + static_smem <= size_t(max_optin_smem(p.device));
   }
-  // Chunking.
   const int64_t B = p.batch;
+  if (grad && cuda_kernel_version() >= 3 && thin_applies(p)) {
+    const size_t smem = thin_smem_bytes<T>(p);
+    if (smem + kThinStaticSmem <= size_t(max_optin_smem(p.device))) {
+      constexpr int TR = kThinRows;
+      pl.thin = true;
+      pl.v2 = false;
+      pl.use_shared = true;
+      pl.smem_bytes_thin = smem;
+      pl.thin_threads = thin_threads(p.widths[1]);
+      const int64_t N = p.n_students;
+      a.n_tiles = (B + TR - 1) / TR;
+      int64_t chunks = std::max<int64_t>(1, std::min((kThinTargetBlocks + N - 1) / N, a.n_tiles));
+      const size_t per_item = size_t(a.P) * sizeof(T) + sizeof(double);
+      const size_t fit = kWorkspaceBudget / (size_t(N) * per_item);
+      chunks = std::max<int64_t>(1, std::min<int64_t>(chunks, int64_t(fit)));
+      a.tiles_per_chunk = a.n_tiles > 0 ? (a.n_tiles + chunks - 1) / chunks : 1;
+      a.n_chunks = a.n_tiles > 0 ? (a.n_tiles + a.tiles_per_chunk - 1) / a.tiles_per_chunk : 0;
+      pl.items = N * a.n_chunks;
+      if (pl.items > int64_t(0x7fffffff))
+        throw std::invalid_argument("mlp (cuda): too many students");
+      pl.part_off = 0;
+      pl.ploss_off = align_up(size_t(pl.items) * size_t(a.P) * sizeof(T));
+      pl.total = align_up(pl.ploss_off + size_t(pl.items) * sizeof(double));
+      a.scale = T(2) / (T(B > 0 ? B : 1) * T(p.widths[L]));
+      return pl;
+    }
+  }
+  // Chunking.
   a.n_tiles = (B + kRows - 1) / kRows;
   int64_t chunks = std::max<int64_t>(1, std::min(kMaxChunks, a.n_tiles));
   const size_t per_item = (grad ? size_t(a.P) * sizeof(T) + sizeof(double) : 0) +
@@ -553,6 +633,204 @@ __global__ void __launch_bounds__(kThreads) mlp_kernel_v2(const Args<T> a) {
   if (tid == 0) a.ploss[item] = red[0];
 }
 
+// ---- version 3: one hidden layer, few inputs and outputs ("thin" students) -----------------
+//
+// At the toy sizes (d_in <= 16, width <= 256, d_out <= 4) a version-2 block idles most of the time:
+// a 32-row tile of an 80-unit layer is only 2,560 products, and the output layer's phases (one
+// output unit) run on one warp. Version 3 maps one thread to one hidden neuron j of one student
+// and walks the block's chunk of the batch in tiles of kThinRows rows. The neuron's incoming
+// weights, bias and outgoing weights stay in registers, and so do its gradient sums over all the
+// rows of the chunk: the weight gradients need no sum across threads inside the block. The only
+// such sum is the network output of each row, sum_j W2[k][j] h_j[t]: each thread writes its
+// products to shared memory, one warp per (output k, row t) adds them in a fixed order and writes
+// the scaled error back, and every thread then back-propagates it through its own neuron. The
+// chunk partials go to the workspace ([items][P]) and reduce_kernel sums them in chunk order, as
+// for the other versions: deterministic, no atomics.
+// Vector loads of D consecutive shared-memory elements (16-byte aligned): a whole warp reads the
+// same address (broadcast), so one 16-byte load feeds 4 (float) or 2 (double) FMAs per thread.
+template <int D>
+__device__ __forceinline__ void load_row(const float* p, float (&v)[D]) {
+#pragma unroll
+  for (int i = 0; i < D; i += 4) {
+    const float4 q = *reinterpret_cast<const float4*>(p + i);
+    v[i] = q.x;
+    v[i + 1] = q.y;
+    v[i + 2] = q.z;
+    v[i + 3] = q.w;
+  }
+}
+template <int D>
+__device__ __forceinline__ void load_row(const double* p, double (&v)[D]) {
+#pragma unroll
+  for (int i = 0; i < D; i += 2) {
+    const double2 q = *reinterpret_cast<const double2*>(p + i);
+    v[i] = q.x;
+    v[i + 1] = q.y;
+  }
+}
+
+template <typename T, Act A, int D>
+__global__ void __launch_bounds__(kThinMaxWidth) mlp_thin_kernel(const Args<T> a) {
+  constexpr int TR = kThinRows;
+  constexpr int DO = kThinMaxOut;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ double lsum[kThinMaxWidth];  // each thread's loss
+  __shared__ T gb2u[DO * TR];             // output-bias gradient per unit (k, t), over the tiles
+  const int tid = threadIdx.x, wp = blockDim.x;
+  const int64_t item = blockIdx.x;
+  const int n = int(item / a.n_chunks);
+  const int64_t c = item % a.n_chunks;
+  const int d_in = a.widths[0], width = a.widths[1], d_out = a.widths[2];
+  const int64_t B = a.batch;
+  T* xs = reinterpret_cast<T*>(smem_raw);  // [TR][D], zero beyond d_in and the batch
+  T* ys = xs + TR * D;                     // [DO][TR]: targets (written through xs)
+  T* errs = ys + DO * TR;                  // [DO][TR]: scale * (f_k - y_k), 0 off the batch
+  T* hs = errs + DO * TR;                  // [TR][wp]: h_j[t] (column j private to thread j)
+  T* zs = hs + TR * wp;                    // [TR][wp]: z_j[t] (if the derivative reads it)
+  T* red = kDfNeedsZ<A> ? zs + TR * wp : zs;  // [d_out][TR][wp]: W2[k][j] h_j[t]
+
+  // The neuron's parameters (threads beyond the width copy neuron 0 and write no results).
+  const bool active = tid < width;
+  const int j = active ? tid : 0;
+  T w1[D], w2[DO];
+  {
+    const T* src = a.w[0] + (int64_t(n) * width + j) * d_in;
+#pragma unroll
+    for (int i = 0; i < D; ++i) w1[i] = i < d_in ? src[i] : T(0);
+#pragma unroll
+    for (int k = 0; k < DO; ++k)
+      w2[k] = k < d_out ? a.w[1][(int64_t(n) * d_out + k) * width + j] : T(0);
+  }
+  const T b1 = a.b[0][int64_t(n) * width + j];
+  const T* b2 = a.b[1] + int64_t(n) * d_out;
+  T gw1[D], gw2[DO], gb1 = T(0);
+#pragma unroll
+  for (int i = 0; i < D; ++i) gw1[i] = T(0);
+#pragma unroll
+  for (int k = 0; k < DO; ++k) gw2[k] = T(0);
+  for (int u = tid; u < DO * TR; u += wp) gb2u[u] = T(0);
+  double loss_acc = 0.0;
+
+  // Output sums: G consecutive threads per unit (k, t), G a power of two (at most 32, so a group
+  // lies in one warp); the thread with g == 0 owns the unit (its error, bias gradient and loss).
+  const int n_units = d_out * TR;
+  int G = 1;
+  while (G < 32 && 2 * G * n_units <= wp) G *= 2;
+
+  const int64_t t_end =
+      (c + 1) * a.tiles_per_chunk < a.n_tiles ? (c + 1) * a.tiles_per_chunk : a.n_tiles;
+  for (int64_t tile = c * a.tiles_per_chunk; tile < t_end; ++tile) {
+    const int64_t row0 = tile * TR;
+    const int tb = B - row0 < TR ? int(B - row0) : TR;
+    __syncthreads();  // the previous tile is done with xs, ys, errs (and gb2u is zeroed)
+    // The tile's inputs and targets into xs and ys (contiguous): kLoads loads in flight per
+    // thread before the first store, so a tile costs about one global-memory latency.
+    constexpr int kLoads = 4, kTotal = TR * D + DO * TR;
+    for (int base = tid; base < kTotal; base += kLoads * wp) {
+      T v[kLoads];
+#pragma unroll
+      for (int q = 0; q < kLoads; ++q) {
+        const int idx = base + q * wp;
+        v[q] = T(0);
+        if (idx < TR * D) {
+          const int t = idx / D, i = idx % D;
+          if (t < tb && i < d_in) v[q] = a.x[(row0 + t) * d_in + i];
+        } else if (idx < kTotal) {
+          const int u = idx - TR * D, k = u / TR, t = u % TR;
+          if (k < d_out && t < tb) v[q] = a.y[(row0 + t) * d_out + k];
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < kLoads; ++q)
+        if (base + q * wp < kTotal) xs[base + q * wp] = v[q];
+    }
+    __syncthreads();
+    // Forward through the neuron; its share of each output to shared memory.
+#pragma unroll 4
+    for (int t = 0; t < TR; ++t) {
+      T xv[D];
+      load_row<D>(xs + t * D, xv);
+      T z = b1;
+#pragma unroll
+      for (int i = 0; i < D; ++i) z += w1[i] * xv[i];
+      const T h = ActOp<A, T>::f(z);
+      hs[t * wp + tid] = h;
+      if (kDfNeedsZ<A>) zs[t * wp + tid] = z;
+      if (active) {
+#pragma unroll
+        for (int k = 0; k < DO; ++k)
+          if (k < d_out) red[(k * TR + t) * wp + tid] = w2[k] * h;
+      }
+    }
+    __syncthreads();
+    // Outputs and errors: each group sums its unit's products in a fixed order.
+    for (int base = 0; base < n_units * G; base += wp) {
+      const int v = base + tid, u = v / G, g = v % G;
+      T s = T(0);
+      if (u < n_units) {
+        const T* r = red + u * wp;
+        for (int q = g; q < width; q += G) s += r[q];
+      }
+      for (int off = G / 2; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
+      if (u < n_units && g == 0) {
+        const int k = u / TR, t = u % TR;
+        T e = T(0);
+        if (t < tb) {
+          const T res = b2[k] + s - ys[u];
+          loss_acc += double(res) * double(res);
+          e = a.scale * res;
+        }
+        errs[u] = e;
+        gb2u[u] += e;
+      }
+    }
+    __syncthreads();
+    // Backward through the neuron; its gradient sums stay in registers.
+#pragma unroll 4
+    for (int t = 0; t < TR; ++t) {
+      T ev[DO];
+#pragma unroll
+      for (int k = 0; k < DO; ++k) ev[k] = k < d_out ? errs[k * TR + t] : T(0);
+      T dh = T(0);
+#pragma unroll
+      for (int k = 0; k < DO; ++k) dh += w2[k] * ev[k];
+      const T h = hs[t * wp + tid];
+      const T z = kDfNeedsZ<A> ? zs[t * wp + tid] : T(0);
+      const T delta = dh * ActOp<A, T>::df(z, h);
+      T xv[D];
+      load_row<D>(xs + t * D, xv);
+#pragma unroll
+      for (int i = 0; i < D; ++i) gw1[i] += delta * xv[i];
+      gb1 += delta;
+#pragma unroll
+      for (int k = 0; k < DO; ++k) gw2[k] += ev[k] * h;
+    }
+  }
+  // The block's gradient sums and loss to its slice of the workspace.
+  T* part = a.part + item * a.P;
+  if (active) {
+#pragma unroll
+    for (int i = 0; i < D; ++i)
+      if (i < d_in) part[a.off_w[0] + int64_t(j) * d_in + i] = gw1[i];
+    part[a.off_b[0] + j] = gb1;
+#pragma unroll
+    for (int k = 0; k < DO; ++k)
+      if (k < d_out) part[a.off_w[1] + int64_t(k) * width + j] = gw2[k];
+  }
+  lsum[tid] = loss_acc;
+  __syncthreads();
+  if (tid == 0) {
+    double s = 0.0;
+    for (int q = 0; q < wp; ++q) s += lsum[q];
+    a.ploss[item] = s;
+  }
+  if (tid < d_out) {
+    T g = T(0);
+    for (int t = 0; t < TR; ++t) g += gb2u[tid * TR + t];
+    part[a.off_b[1] + tid] = g;
+  }
+}
+
 // Sums the chunks of each student, in chunk order, into the outputs.
 template <typename T>
 struct ReduceArgs {
@@ -593,6 +871,20 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(const ReduceArgs<T> r)
   }
 }
 
+template <typename T, Act A>
+void launch_thin(const Plan<T>& pl, cudaStream_t stream) {
+  const int d = thin_d(pl.a.widths[0]);
+  auto kernel = d == 4 ? mlp_thin_kernel<T, A, 4>
+                : d == 8 ? mlp_thin_kernel<T, A, 8>
+                         : mlp_thin_kernel<T, A, 16>;
+  if (pl.smem_bytes_thin + kThinStaticSmem > kDefaultSmem)
+    cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     int(pl.smem_bytes_thin)),
+                "mlp (cuda): cudaFuncSetAttribute");
+  kernel<<<unsigned(pl.items), pl.thin_threads, pl.smem_bytes_thin, stream>>>(pl.a);
+  cuda::check_launch("mlp_mse_grad (cuda, version 3)");
+}
+
 template <typename T, Act A, bool kGrad>
 void launch(const MlpParams& p, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   Plan<T> pl = make_plan<T>(p, kGrad);
@@ -612,15 +904,19 @@ void launch(const MlpParams& p, void* workspace, size_t workspace_bytes, cudaStr
   a.gscratch = pl.use_shared ? nullptr : reinterpret_cast<T*>(ws + pl.gscratch_off);
   a.part = kGrad ? reinterpret_cast<T*>(ws + pl.part_off) : nullptr;
   a.ploss = kGrad ? reinterpret_cast<double*>(ws + pl.ploss_off) : nullptr;
-  auto kernel = pl.v2 ? mlp_kernel_v2<T, A, kGrad> : mlp_kernel<T, A, kGrad>;
-  const size_t smem = pl.v2 ? pl.smem_bytes_v2 : pl.smem_bytes;
-  // The default dynamic limit is 48 KB minus the static shared memory: opt in beyond it.
-  if (smem + kStaticSmem > kDefaultSmem)
-    cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     int(smem)),
-                "mlp (cuda): cudaFuncSetAttribute");
-  kernel<<<unsigned(pl.items), kThreads, smem, stream>>>(a);
-  cuda::check_launch(kGrad ? "mlp_mse_grad (cuda)" : "mlp_forward (cuda)");
+  if (kGrad && pl.thin) {
+    launch_thin<T, A>(pl, stream);
+  } else {
+    auto kernel = pl.v2 ? mlp_kernel_v2<T, A, kGrad> : mlp_kernel<T, A, kGrad>;
+    const size_t smem = pl.v2 ? pl.smem_bytes_v2 : pl.smem_bytes;
+    // The default dynamic limit is 48 KB minus the static shared memory: opt in beyond it.
+    if (smem + kStaticSmem > kDefaultSmem)
+      cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       int(smem)),
+                  "mlp (cuda): cudaFuncSetAttribute");
+    kernel<<<unsigned(pl.items), kThreads, smem, stream>>>(a);
+    cuda::check_launch(kGrad ? "mlp_mse_grad (cuda)" : "mlp_forward (cuda)");
+  }
   if (!kGrad) return;
   ReduceArgs<T> r{};
   r.n_students = p.n_students;

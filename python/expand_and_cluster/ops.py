@@ -85,14 +85,18 @@ def cuda_kernel_version() -> int:
 def set_cuda_kernel_version(version: int) -> None:
     """Choose the variant of the CUDA kernels (process-wide; the CPU kernels ignore it).
 
-    2 (default): register-tiled kernels; the fused MLP kernel keeps each block's gradient sums in
-    shared memory across its batch tiles (when they fit; else it runs variant 1), and
-    cosine_distances computes 64 x 64 tiles with 4 x 4 outputs per thread. 1: the first, simplest
-    kernels, kept as a reference and a fallback. Both sum the same terms; the MLP kernels in the
-    same order. Raises ValueError for any other value.
+    3 (default): version 2, plus a kernel for the gradients of one-hidden-layer students with
+    d_in <= 16, width <= 256 and d_out <= 4 (the toy sizes): one thread per hidden neuron walks
+    the batch with that neuron's weights and gradient sums in registers. 2: register-tiled
+    kernels; the fused MLP kernel keeps each block's gradient sums in shared memory across its
+    batch tiles (when they fit; else it runs variant 1), and cosine_distances computes 64 x 64
+    tiles with 4 x 4 outputs per thread. 1: the first, simplest kernels, kept as a reference and a
+    fallback. All compute the same sums (versions 1 and 2 in the same order; version 3 sums a
+    student's gradient over the batch in another order, so float results differ by rounding).
+    Each version is deterministic. Raises ValueError for any other value.
     """
-    if version not in (1, 2):
-        raise ValueError(f"version: expected 1 or 2, got {version!r}")
+    if version not in (1, 2, 3):
+        raise ValueError(f"version: expected 1, 2 or 3, got {version!r}")
     _lib().set_cuda_kernel_version(int(version))
 
 
