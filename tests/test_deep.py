@@ -209,11 +209,15 @@ def test_cli_deep_run_resume_and_recluster(deep_tanh, tmp_path, capsys):
     assert rep2["gamma"] == 0.75 and rep2["timings_s"]["train"] == 0.0
     assert rep2["recovered_sizes"] == [3, 3] and rep2["resumed_from"] == "students"
 
-    # Resume from the checkpoint folder of the first run.
+    # Resume from the checkpoint folder of the first run, as if it had been written on a GPU
+    # machine: --device (here cpu) says where the rest trains, not the saved settings.
+    cfg_file = out / "checkpoint" / "config.json"
+    saved = json.loads(cfg_file.read_text())
+    saved["config"]["device"] = "cuda"
+    cfg_file.write_text(json.dumps(saved))
     out3 = tmp_path / "resumed"
-    assert (
-        main(["recover", "--resume", str(out / "checkpoint"), "--out", str(out3), "--quiet"]) == 0
-    )
+    argv = ["recover", "--resume", str(out / "checkpoint"), "--out", str(out3), "--quiet"]
+    assert main(argv + ["--device", "cpu"]) == 0
     rep3 = json.loads((out3 / "report.json").read_text())
     assert rep3["resumed_from"] == "layer_1" and rep3["recovered_sizes"] == [3, 3]
     capsys.readouterr()

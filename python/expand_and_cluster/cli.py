@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         type=Path,
         help="continue an interrupted run from its checkpoint folder (OUT.checkpoint, or a "
-        "run's OUT/checkpoint); its queries, teacher and settings are used",
+        "run's OUT/checkpoint); its queries, teacher and settings are used, except --device "
+        "(where the rest of the run trains: default auto, as for a new run)",
     )
     r.add_argument("--activation", help="hidden activation: " + ", ".join(sorted(ACTIVATIONS)))
     r.add_argument(
@@ -565,6 +566,9 @@ def cmd_recover(args, log) -> int:
                 f"--activation: the checkpoint's run used {cfg.activation!r}, not "
                 f"{args.activation!r}"
             )
+        # Where the rest trains is this machine's business, not the run's: a checkpoint written
+        # on a GPU machine resumes on a CPU one (--device, default auto), and vice versa.
+        cfg = dataclasses.replace(cfg, device=_resolve_device(args.device))
         _check_device(cfg.device)
         return _run_checkpointed(args, cfg, run, log, ckpt_in, resume_layers=True)
     if args.activation is None:
