@@ -642,10 +642,14 @@ __global__ void __launch_bounds__(kThreads) mlp_kernel_v2(const Args<T> a) {
 // weights, bias and outgoing weights stay in registers, and so do its gradient sums over all the
 // rows of the chunk: the weight gradients need no sum across threads inside the block. The only
 // such sum is the network output of each row, sum_j W2[k][j] h_j[t]: each thread writes its
-// products to shared memory, one warp per (output k, row t) adds them in a fixed order and writes
-// the scaled error back, and every thread then back-propagates it through its own neuron. The
-// chunk partials go to the workspace ([items][P]) and reduce_kernel sums them in chunk order, as
-// for the other versions: deterministic, no atomics.
+// products to shared memory, a group of G threads per (output k, row t) adds them in a fixed
+// order and writes the scaled error back, and every thread then back-propagates it through its
+// own neuron. The tile's inputs and targets are read together, several loads in flight per
+// thread (an earlier variant read each target inside the serial per-output loop and paid one
+// global-memory latency per output: no faster than version 2). The chunk partials go to the
+// workspace ([items][P]) and reduce_kernel sums them in chunk order, as for the other versions:
+// deterministic, no atomics. Threads per block: the width rounded up to whole warps.
+
 // Vector loads of D consecutive shared-memory elements (16-byte aligned): a whole warp reads the
 // same address (broadcast), so one 16-byte load feeds 4 (float) or 2 (double) FMAs per thread.
 template <int D>
