@@ -8,6 +8,7 @@ from expand_and_cluster.bench import (
     SUITE_FORMAT,
     Problem,
     load_suite,
+    override_settings,
     run_suite,
     select_problems,
     summarise,
@@ -169,6 +170,30 @@ def test_select_problems(tmp_path, capsys):
     assert code == 2 and "no problem" in err and "Traceback" not in err
 
 
+def test_override_settings(tmp_path, capsys):
+    full = load_suite("benchmarks/suites/full.json")
+    changed = override_settings(
+        full, ["epochs=1000", "gamma=0.25", "repair=false", "repair_trial_queries=2000"]
+    )
+    s = changed.settings
+    assert (s.epochs, s.gamma, s.repair, s.repair_trial_queries) == (1000, 0.25, False, 2000)
+    assert isinstance(s.epochs, int) and changed.problems == full.problems
+    assert full.settings.epochs == 300 and full.settings.repair  # the original is unchanged
+    assert override_settings(full, ["repair=1"]).settings.repair is True
+    with pytest.raises(InputError, match="unknown setting"):
+        override_settings(full, ["colour=red"])
+    with pytest.raises(InputError, match="epochs expects an integer"):
+        override_settings(full, ["epochs=many"])
+    with pytest.raises(InputError, match="repair expects true or false"):
+        override_settings(full, ["repair=maybe"])
+    with pytest.raises(InputError, match="KEY=VALUE"):
+        override_settings(full, ["epochs"])
+    argv = ["bench", "benchmarks/suites/full.json", "--out", str(tmp_path / "r"), "--quiet"]
+    code = main(argv + ["--select", "rho=4", "--setting", "epochs=-"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--setting: epochs expects" in err and "Traceback" not in err
+
+
 def test_min_steps_raises_the_epoch_budget_of_small_problems(monkeypatch):
     from expand_and_cluster import bench, recover
 
@@ -190,6 +215,8 @@ def test_min_steps_raises_the_epoch_budget_of_small_problems(monkeypatch):
     assert seen["cfg"].train.max_epochs == 50
     bench.run_problem(p, bench.SuiteSettings(repair=False))
     assert seen["cfg"].repair.grow_candidates == 0 and seen["cfg"].repair.prune_tolerance == 0
+    bench.run_problem(p, bench.SuiteSettings(repair_trial_queries=500))
+    assert seen["cfg"].repair.trial_queries == 500 and seen["cfg"].repair.grow_candidates == 4
 
 
 def test_summary_reports_the_rate_without_repair_per_rho_and_class():

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +93,8 @@ class SuiteSettings:
     this many Adam steps (a problem with few queries has few mini-batches per epoch); the plateau
     patience and cooldown scale with the raised budget. ``repair``: run the width repair after
     the fine-tune (:mod:`expand_and_cluster.repair`); rows also score the network before it.
+    ``repair_trial_queries``: the repair's trials see this many training queries (its
+    ``RepairConfig.trial_queries``; 0, the default, all).
     """
 
     students: int = 20
@@ -105,6 +107,7 @@ class SuiteSettings:
     held_out_fraction: float = 0.1
     min_steps: int = 0
     repair: bool = True
+    repair_trial_queries: int = 0
 
 
 @dataclass
@@ -182,6 +185,41 @@ def load_suite(path: str | Path) -> Suite:
     if not problems:
         raise InputError(f"suite: {path} defines no problems")
     return Suite(str(raw.get("name", path.stem)), SuiteSettings(**settings), problems)
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false"}
+
+
+def override_settings(suite: Suite, assignments: list[str]) -> Suite:
+    """The suite with settings replaced by ``KEY=VALUE`` assignments (a :class:`SuiteSettings`
+    field; ints and floats parsed as such, bools from true/false/1/0).
+
+    Raises
+    ------
+    InputError
+        On a malformed assignment, an unknown field or a value of the wrong type.
+    """
+    types = {f.name: type(getattr(suite.settings, f.name)) for f in fields(SuiteSettings)}
+    changes: dict = {}
+    for a in assignments:
+        key, eq, value = (t.strip() for t in a.partition("="))
+        if not eq or not value:
+            raise InputError(f"--setting: expected KEY=VALUE, got {a!r}")
+        if key not in types:
+            raise InputError(f"--setting: unknown setting {key!r}; known: {sorted(types)}")
+        kind = types[key]
+        try:
+            if kind is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                changes[key] = value.lower() in ("true", "1")
+            else:
+                changes[key] = kind(value)
+        except ValueError:
+            raise InputError(
+                f"--setting: {key} expects {_KIND_NAMES[kind]}, got {value!r}"
+            ) from None
+    return Suite(suite.name, replace(suite.settings, **changes), suite.problems)
 
 
 def select_problems(suite: Suite, selectors: list[str]) -> Suite:
@@ -265,7 +303,11 @@ def run_problem(problem: Problem, settings: SuiteSettings, device: str = "cpu") 
         held_out_fraction=settings.held_out_fraction,
         finetune_iterations=settings.finetune_iterations,
         device=device,
-        repair=RepairConfig() if settings.repair else RepairConfig(0.0, grow_candidates=0),
+        repair=(
+            RepairConfig(trial_queries=settings.repair_trial_queries)
+            if settings.repair
+            else RepairConfig(0.0, grow_candidates=0)
+        ),
     )
     row = {
         **asdict(problem),

@@ -223,6 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only the problems whose field KEY takes one of the values (repeatable, "
         "e.g. --select rho=4 --select activation=tanh,g)",
     )
+    b.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one of the suite's settings (repeatable, e.g. --setting epochs=1000 "
+        "--setting repair_trial_queries=2000); use a new --out for changed settings",
+    )
     b.add_argument("--quiet", action="store_true")
 
     c = sub.add_parser(
@@ -694,13 +702,22 @@ def cmd_demo(args, log) -> int:
 
 
 def cmd_bench(args, log) -> int:
-    from .bench import load_suite, run_suite, select_problems, summarise, summary_markdown
+    from .bench import (
+        load_suite,
+        override_settings,
+        run_suite,
+        select_problems,
+        summarise,
+        summary_markdown,
+    )
 
     device = _resolve_device(args.device)
     _check_device(device)
     suite = load_suite(args.suite)
     if args.select:
         suite = select_problems(suite, args.select)
+    if args.setting:
+        suite = override_settings(suite, args.setting)
     log(f"students train on {device}")
     rows = run_suite(suite, args.out, jobs=args.jobs, log=log, device=device)
     summary = summarise(rows)
