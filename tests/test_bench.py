@@ -184,6 +184,8 @@ def test_override_settings(tmp_path, capsys):
         override_settings(full, ["colour=red"])
     with pytest.raises(InputError, match="epochs expects an integer"):
         override_settings(full, ["epochs=many"])
+    with pytest.raises(InputError, match="gamma expects a number >= 0"):
+        override_settings(full, ["gamma=-1"])
     with pytest.raises(InputError, match="repair expects true or false"):
         override_settings(full, ["repair=maybe"])
     with pytest.raises(InputError, match="KEY=VALUE"):

@@ -187,19 +187,20 @@ def load_suite(path: str | Path) -> Suite:
     return Suite(str(raw.get("name", path.stem)), SuiteSettings(**settings), problems)
 
 
-_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false"}
+_KIND_NAMES = {int: "an integer >= 0", float: "a number >= 0", bool: "true or false"}
 
 
 def override_settings(suite: Suite, assignments: list[str]) -> Suite:
     """The suite with settings replaced by ``KEY=VALUE`` assignments (a :class:`SuiteSettings`
-    field; ints and floats parsed as such, bools from true/false/1/0).
+    field; ints and floats parsed as such and >= 0, bools from true/false/1/0).
 
     Raises
     ------
     InputError
         On a malformed assignment, an unknown field or a value of the wrong type.
     """
-    types = {f.name: type(getattr(suite.settings, f.name)) for f in fields(SuiteSettings)}
+    defaults = SuiteSettings()  # the field types (a suite file may write 1 for 1.0)
+    types = {f.name: type(getattr(defaults, f.name)) for f in fields(SuiteSettings)}
     changes: dict = {}
     for a in assignments:
         key, eq, value = (t.strip() for t in a.partition("="))
@@ -215,6 +216,8 @@ def override_settings(suite: Suite, assignments: list[str]) -> Suite:
                 changes[key] = value.lower() in ("true", "1")
             else:
                 changes[key] = kind(value)
+                if not changes[key] >= 0:
+                    raise ValueError(value)
         except ValueError:
             raise InputError(
                 f"--setting: {key} expects {_KIND_NAMES[kind]}, got {value!r}"
