@@ -309,7 +309,7 @@ def run_problem(problem: Problem, settings: SuiteSettings, device: str = "cpu") 
         repair=(
             RepairConfig(trial_queries=settings.repair_trial_queries)
             if settings.repair
-            else RepairConfig(0.0, grow_candidates=0)
+            else RepairConfig.off()
         ),
     )
     row = {

@@ -386,9 +386,7 @@ def _configs(args, hidden_layers: int = 1):
 def _repair_config(args):
     from .repair import RepairConfig
 
-    if args.no_repair:
-        return RepairConfig(prune_tolerance=0.0, grow_candidates=0)
-    return RepairConfig()
+    return RepairConfig.off() if args.no_repair else RepairConfig()
 
 
 def _checkpoint_path(out: Path) -> Path:

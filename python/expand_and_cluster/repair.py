@@ -94,6 +94,11 @@ class RepairConfig:
             if not ok:
                 raise ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
 
+    @classmethod
+    def off(cls) -> RepairConfig:
+        """No repair: neither pruning nor growing (the paper's procedure alone)."""
+        return cls(prune_tolerance=0.0, grow_candidates=0)
+
 
 @dataclass
 class RepairResult:
