@@ -196,6 +196,39 @@ def test_override_settings(tmp_path, capsys):
     assert code == 2 and "--setting: epochs expects" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"epochs": -5}, "epochs expects an integer >= 0"),
+        ({"epochs": 1.5}, "epochs expects an integer >= 0"),
+        ({"epochs": True}, "epochs expects an integer"),
+        ({"gamma": "half"}, "gamma expects a number"),
+        ({"repair": 1}, "repair expects true or false"),
+        ({"epochs": 0}, "max_epochs: expected >= 1"),
+        ({"held_out_fraction": 1.0}, "held_out_fraction"),
+        ({"gamma": 1.5}, "gamma: expected a value in"),
+        ({"gamma": 0.05, "students": 20}, "gamma \\* N"),
+    ],
+)
+def test_suite_settings_are_checked_when_the_file_loads(tmp_path, settings, message):
+    path = tmp_path / "s.json"
+    problem = {"id": "p", "d_in": 2, "width": 2}
+    bad = {"format": SUITE_FORMAT, "settings": settings, "problems": [problem]}
+    path.write_text(json.dumps(bad))
+    with pytest.raises(InputError, match=message):
+        load_suite(path)
+    ok = {"format": SUITE_FORMAT, "settings": {"epochs": 10, "gamma": 1}, "problems": [problem]}
+    path.write_text(json.dumps(ok))
+    loaded = load_suite(path).settings
+    assert loaded.epochs == 10 and loaded.gamma == 1.0 and isinstance(loaded.gamma, float)
+
+
+def test_override_settings_refuses_values_the_configs_refuse():
+    full = load_suite("benchmarks/suites/full.json")
+    with pytest.raises(InputError, match="max_epochs"):
+        override_settings(full, ["epochs=0"])
+
+
 def test_min_steps_raises_the_epoch_budget_of_small_problems(monkeypatch):
     from expand_and_cluster import bench, recover
 

@@ -165,6 +165,8 @@ def load_suite(path: str | Path) -> Suite:
         raise InputError(f'suite: {path} must be a JSON object with "format": "{SUITE_FORMAT}"')
     known_settings = {f.name for f in fields(SuiteSettings)}
     settings = raw.get("settings", {})
+    if not isinstance(settings, dict):
+        raise InputError(f'suite: {path}: "settings" must be a JSON object')
     unknown = set(settings) - known_settings
     if unknown:
         raise InputError(
@@ -184,10 +186,73 @@ def load_suite(path: str | Path) -> Suite:
         raise InputError("suite: problem ids must be unique")
     if not problems:
         raise InputError(f"suite: {path} defines no problems")
-    return Suite(str(raw.get("name", path.stem)), SuiteSettings(**settings), problems)
+    settings = {k: _setting_value(k, v, f"suite: {path}: settings") for k, v in settings.items()}
+    suite = Suite(str(raw.get("name", path.stem)), SuiteSettings(**settings), problems)
+    _check_settings(suite, f"suite: {path}")
+    return suite
 
 
 _KIND_NAMES = {int: "an integer >= 0", float: "a number >= 0", bool: "true or false"}
+
+
+def _setting_types() -> dict[str, type]:
+    """Each setting's type, from :class:`SuiteSettings`' defaults (a suite file may write 1 for
+    1.0)."""
+    defaults = SuiteSettings()
+    return {f.name: type(getattr(defaults, f.name)) for f in fields(SuiteSettings)}
+
+
+def _setting_value(key: str, value, where: str):
+    """``value`` (a JSON value, or the text of a ``KEY=VALUE`` assignment) as setting ``key``'s
+    type: bools from true/false (text also 1/0), integers and numbers >= 0.
+
+    Raises
+    ------
+    InputError
+        Naming ``where``, the setting and the expectation.
+    """
+    kind = _setting_types()[key]
+    ok = True
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if kind is bool:
+            ok = text in ("true", "false", "1", "0")
+            value = text in ("true", "1")
+        else:
+            try:
+                value = kind(text)
+            except ValueError:
+                ok = False
+    elif kind is bool:
+        ok = isinstance(value, bool)
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        ok = False
+    elif kind is int:
+        ok = float(value).is_integer()
+        value = int(value) if ok else value
+    else:
+        value = float(value)
+    if ok and kind is not bool:
+        ok = value >= 0
+    if not ok:
+        raise InputError(f"{where}: {key} expects {_KIND_NAMES[kind]}, got {value!r}")
+    return value
+
+
+def _check_settings(suite: Suite, where: str) -> None:
+    """Build every problem's recover config, so an out-of-range setting (``epochs: 0``) is
+    refused before the first problem runs rather than when it does."""
+    from .clustering import min_cluster_size
+
+    try:
+        min_cluster_size(suite.settings.gamma, suite.settings.students)
+    except (ValueError, InputError) as e:
+        raise InputError(f"{where}: {e}") from None
+    for problem in suite.problems:
+        try:
+            problem_config(problem, suite.settings)
+        except (ValueError, InputError) as e:
+            raise InputError(f"{where}: problem {problem.id}: {e}") from None
 
 
 def override_settings(suite: Suite, assignments: list[str]) -> Suite:
@@ -197,10 +262,10 @@ def override_settings(suite: Suite, assignments: list[str]) -> Suite:
     Raises
     ------
     InputError
-        On a malformed assignment, an unknown field or a value of the wrong type.
+        On a malformed assignment, an unknown field, a value of the wrong type, or a value that
+        the recover configs refuse.
     """
-    defaults = SuiteSettings()  # the field types (a suite file may write 1 for 1.0)
-    types = {f.name: type(getattr(defaults, f.name)) for f in fields(SuiteSettings)}
+    types = _setting_types()
     changes: dict = {}
     for a in assignments:
         key, eq, value = (t.strip() for t in a.partition("="))
@@ -208,21 +273,10 @@ def override_settings(suite: Suite, assignments: list[str]) -> Suite:
             raise InputError(f"--setting: expected KEY=VALUE, got {a!r}")
         if key not in types:
             raise InputError(f"--setting: unknown setting {key!r}; known: {sorted(types)}")
-        kind = types[key]
-        try:
-            if kind is bool:
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(value)
-                changes[key] = value.lower() in ("true", "1")
-            else:
-                changes[key] = kind(value)
-                if not changes[key] >= 0:
-                    raise ValueError(value)
-        except ValueError:
-            raise InputError(
-                f"--setting: {key} expects {_KIND_NAMES[kind]}, got {value!r}"
-            ) from None
-    return Suite(suite.name, replace(suite.settings, **changes), suite.problems)
+        changes[key] = _setting_value(key, value, "--setting")
+    out = Suite(suite.name, replace(suite.settings, **changes), suite.problems)
+    _check_settings(out, "--setting")
+    return out
 
 
 def select_problems(suite: Suite, selectors: list[str]) -> Suite:
@@ -262,33 +316,26 @@ def select_problems(suite: Suite, selectors: list[str]) -> Suite:
     return Suite(suite.name, suite.settings, problems)
 
 
-def run_problem(problem: Problem, settings: SuiteSettings, device: str = "cpu") -> dict:
-    """Plant, probe, recover and score one problem (students trained on ``device``, "cpu" or
-    "cuda"); returns its result row."""
-    from . import metrics
+def problem_config(problem: Problem, settings: SuiteSettings, device: str = "cpu"):
+    """The :class:`~expand_and_cluster.recover.RecoverConfig` that :func:`run_problem` recovers
+    ``problem`` with, and the epoch budget in it (``settings.epochs``, raised to give each student
+    ``settings.min_steps`` Adam steps).
+
+    Raises
+    ------
+    ValueError, InputError
+        From the configs' own checks, when a setting is out of range (``epochs: 0``).
+    """
     from .clustering import ClusterConfig
-    from .recover import RecoverConfig, recover
+    from .recover import RecoverConfig
     from .repair import RepairConfig
-    from .teacher import planted_teacher, probe
     from .training import TrainConfig
 
-    t0 = time.perf_counter()
-    teacher = planted_teacher(
-        problem.d_in,
-        [problem.width],
-        problem.d_out,
-        problem.activation,
-        seed=problem.seed,
-        min_angle_degrees=problem.min_angle_degrees,
-    )
-    teacher.weights[1][:, -1] *= problem.weak_outgoing
-    X, Y = probe(teacher, problem.n_queries, problem.distribution, seed=problem.seed)
     width = None if problem.rho is None else max(1, math.ceil(problem.rho * problem.width))
     n_train = problem.n_queries - int(round(settings.held_out_fraction * problem.n_queries))
-    epochs = max(
-        settings.epochs,
-        math.ceil(settings.min_steps / math.ceil(n_train / min(settings.batch_size, n_train))),
-    )
+    n_train = max(1, n_train)
+    batches = math.ceil(n_train / max(1, min(settings.batch_size, n_train)))
+    epochs = max(settings.epochs, math.ceil(settings.min_steps / batches))
     cfg = RecoverConfig(
         activation=problem.activation,
         width=width,
@@ -312,6 +359,29 @@ def run_problem(problem: Problem, settings: SuiteSettings, device: str = "cpu") 
             else RepairConfig.off()
         ),
     )
+    return cfg, epochs
+
+
+def run_problem(problem: Problem, settings: SuiteSettings, device: str = "cpu") -> dict:
+    """Plant, probe, recover and score one problem (students trained on ``device``, "cpu" or
+    "cuda"); returns its result row."""
+    from . import metrics
+    from .recover import recover
+    from .teacher import planted_teacher, probe
+
+    t0 = time.perf_counter()
+    teacher = planted_teacher(
+        problem.d_in,
+        [problem.width],
+        problem.d_out,
+        problem.activation,
+        seed=problem.seed,
+        min_angle_degrees=problem.min_angle_degrees,
+    )
+    teacher.weights[1][:, -1] *= problem.weak_outgoing
+    X, Y = probe(teacher, problem.n_queries, problem.distribution, seed=problem.seed)
+    cfg, epochs = problem_config(problem, settings, device)
+    width = cfg.width
     row = {
         **asdict(problem),
         "n_queries": problem.n_queries,
