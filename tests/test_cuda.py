@@ -176,6 +176,23 @@ def test_cosine_distances_cuda_matches_cpu(m, d, absolute, dtype, kernel_version
 
 
 @gpu
+@pytest.mark.parametrize("name", ["tanh", "relu", "softplus"])
+def test_cluster_layer_on_cuda_matches_cpu(name):
+    # Distances on the GPU (float64, another summation order): the same tree and clusters.
+    from expand_and_cluster.clustering import cluster_layer
+    from tests.test_clustering import Planted
+
+    p = Planted(name)
+    cpu = cluster_layer(p.incoming, p.outgoing, p.losses, name)
+    gpu_ = cluster_layer(p.incoming, p.outgoing, p.losses, name, device="cuda")
+    assert gpu_.k_hat == cpu.k_hat
+    assert (gpu_.labels == cpu.labels).all() and (gpu_.sizes == cpu.sizes).all()
+    torch.testing.assert_close(
+        torch.from_numpy(gpu_.incoming), torch.from_numpy(cpu.incoming), rtol=0, atol=1e-12
+    )
+
+
+@gpu
 def test_training_on_cuda_follows_the_cpu():
     # Same students, same mini-batches: Adam on the GPU (float64) tracks the CPU run to rounding.
     from expand_and_cluster.teacher import planted_teacher, probe

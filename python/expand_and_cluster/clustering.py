@@ -244,9 +244,13 @@ def input_mask_from_queries(X: np.ndarray | torch.Tensor, tolerance: float = 1e-
 # distances and linkage (thin wrappers: one place to swap kernels)
 
 
-def _cosine_distances_native(u: np.ndarray, absolute: bool) -> np.ndarray:
-    """``[M, D]`` float64 -> ``[M, M]`` float64 cosine distances, C++ kernel."""
-    return ops.cosine_distances(torch.from_numpy(u), absolute).numpy()
+def _cosine_distances_native(u: np.ndarray, absolute: bool, device="cpu") -> np.ndarray:
+    """``[M, D]`` float64 -> ``[M, M]`` float64 cosine distances, C++ kernel (CUDA kernel when
+    ``device`` is a GPU; the matrix comes back to host memory for the linkage)."""
+    t = torch.from_numpy(u)
+    if torch.device(device).type != "cpu":
+        return ops.cosine_distances(t.to(device), absolute).cpu().numpy()
+    return ops.cosine_distances(t, absolute).numpy()
 
 
 def _cosine_distances_scipy(u: np.ndarray, absolute: bool) -> np.ndarray:
@@ -274,11 +278,11 @@ def _l2_distances(u: np.ndarray) -> np.ndarray:
     return np.maximum(d, 0.0, out=d)
 
 
-def _distances(u: np.ndarray, metric: str, absolute: bool, backend: str) -> np.ndarray:
+def _distances(u: np.ndarray, metric: str, absolute: bool, backend: str, device="cpu"):
     if metric == "l2":
         return _l2_distances(u)
     if backend == "native":
-        return _cosine_distances_native(u, absolute)
+        return _cosine_distances_native(u, absolute, device)
     return _cosine_distances_scipy(u, absolute)
 
 
@@ -622,6 +626,7 @@ def cluster_layer(
     activation: str | Activation,
     config: ClusterConfig = ClusterConfig(),
     input_mask: np.ndarray | None = None,
+    device: str | torch.device = "cpu",
 ) -> LayerClustering:
     """Cluster one hidden layer of N students and collapse each cluster into one neuron.
 
@@ -639,6 +644,8 @@ def cluster_layer(
         Inputs that carry signal (see :func:`input_mask_from_queries`). The bias coordinate is
         always used. Masked-out coordinates are ignored for distances, angles, norms and sign
         decisions, and returned untouched (up to the vector's scale and sign) in ``incoming``.
+    device : where the ``[M, M]`` cosine distances are computed ("cpu" or "cuda"; the native
+        backend with the cosine metric only). The linkage and the rest run on the CPU.
 
     Returns
     -------
@@ -733,7 +740,7 @@ def cluster_layer(
         dist_input = u * _largest_coordinate_sign(u)[:, None]
     else:
         dist_input = u
-    dist = _distances(dist_input, config.metric, absolute, config.linkage_backend)
+    dist = _distances(dist_input, config.metric, absolute, config.linkage_backend, device)
     Z = np.asarray(_linkage(dist, config.linkage_backend), dtype=np.float64)
     del dist
 

@@ -65,7 +65,8 @@ class RecoverConfig:
         fine-tuned (L-BFGS, every weight) for this many iterations, so the layer the students
         are then fed is as exact as the best student allows (0: no refinement; even_linear
         classes skip it).
-    device : "cpu" or "cuda" (student training; clustering and fine-tune run on the CPU).
+    device : "cpu" or "cuda": student training and the clustering's distance matrices (the
+        linkage, reconstruction and fine-tune run on the CPU).
     repair : width repair of the last hidden layer after the final fine-tune
         (:class:`~expand_and_cluster.repair.RepairConfig`; not part of the paper's procedure;
         deep networks of the even_linear classes are not repaired).
@@ -526,7 +527,9 @@ def recover(
         incoming = torch.cat([ens.weights[0], ens.biases[0][:, :, None]], dim=2).cpu()
         outgoing = ens.weights[1].cpu()
         mask_l = mask if l == 0 else input_mask_from_queries(u, cfg.cluster.mask_tolerance)
-        cl = cluster_layer(incoming, outgoing, losses, act.name, cfg.cluster, mask_l)
+        cl = cluster_layer(
+            incoming, outgoing, losses, act.name, cfg.cluster, mask_l, device=cfg.device
+        )
         if l == 0:
             first_clustering = cl
         if l == n_layers - 1:
