@@ -151,6 +151,19 @@ def test_planted_deep_teacher_recovered(deep_tanh, tmp_path):
     assert again.layers[0].recovered_width == res.layers[0].recovered_width
 
 
+def test_fresh_upper_students_recover_the_planted_deep_teacher(deep_tanh):
+    teacher, X, Y = deep_tanh
+    res = recover(X, Y, _config("tanh", upper_students="fresh"))
+    assert res.network.hidden_sizes == teacher.hidden_sizes
+    for al in metrics.deep_alignment(teacher, res.network):
+        assert al["max"] < 1e-3, al
+    assert res.relative_mse["held_out"] <= 1e-4
+    # Layer 1 was clustered on new students, not on the first training's upper layers.
+    assert res.layers[0].students_relative_mse is not None
+    with pytest.raises(ValueError, match="upper_students"):
+        _config("tanh", upper_students="new")
+
+
 def test_deep_resume_checks_the_depth(deep_tanh, tmp_path):
     _, X, Y = deep_tanh
     ckpt = Checkpoint(tmp_path / "c")

@@ -118,6 +118,15 @@ def _add_method_options(p: argparse.ArgumentParser, students_default: int = 20) 
         default=None,
         help="student hidden width (every layer); default: expansion search",
     )
+    g.add_argument(
+        "--upper-students",
+        choices=["finetune", "fresh"],
+        default="finetune",
+        help="deep teachers: after a layer is recovered, the students above it are the trained "
+        "students with the layer put in and fine-tuned (finetune, the paper's step) or new "
+        "students trained from scratch on the recovered layer's outputs (fresh) (default "
+        "%(default)s)",
+    )
     _add_cluster_options(g)
     g.add_argument(
         "--epochs",
@@ -378,6 +387,7 @@ def _configs(args, hidden_layers: int = 1):
         search=search,
         held_out_fraction=args.held_out_fraction,
         finetune_iterations=max(0, args.finetune_iterations),
+        upper_students=args.upper_students,
         device=args.device,
         repair=_repair_config(args),
     )

@@ -65,6 +65,12 @@ class RecoverConfig:
         fine-tuned (L-BFGS, every weight) for this many iterations, so the layer the students
         are then fed is as exact as the best student allows (0: no refinement; even_linear
         classes skip it).
+    upper_students : deep networks: the students above a recovered layer l. "finetune" (the
+        paper's step 3): the trained students with the collapsed layer put in, fine-tuned on its
+        outputs. "fresh": N new students of the remaining depth trained from scratch (``train``,
+        full budget) on the recovered layer's outputs, i.e. layer l + 1 recovered as the first
+        layer of the sub-network above (a new random start instead of the students' own
+        upper layers; costs one more full training per layer).
     device : "cpu" or "cuda": student training and the clustering's distance matrices (the
         linkage, reconstruction and fine-tune run on the CPU).
     repair : width repair of the last hidden layer after the final fine-tune
@@ -83,6 +89,7 @@ class RecoverConfig:
     layer_finetune_epochs: int | None = None
     layer_finetune_lr_factor: float = 0.1
     layer_refine_iterations: int = 1000
+    upper_students: str = "finetune"
     device: str = "cpu"
     repair: RepairConfig = field(default_factory=RepairConfig)
 
@@ -104,6 +111,10 @@ class RecoverConfig:
             raise ValueError("layer_refine_iterations: expected >= 0")
         if not 0.0 < self.layer_finetune_lr_factor <= 1.0:
             raise ValueError("layer_finetune_lr_factor: expected a value in (0, 1]")
+        if self.upper_students not in ("finetune", "fresh"):
+            raise ValueError(
+                f"upper_students: expected 'finetune' or 'fresh', got {self.upper_students!r}"
+            )
 
     def to_dict(self) -> dict:
         """JSON-able form (nested configs as dicts), for checkpoints and reports."""
@@ -570,12 +581,18 @@ def recover(
                 )
             plain.append(hidden_features(plain[l], prefix[l], act.name))
             u = np.concatenate([plain[l + 1], plain[l]], axis=1) if linear else plain[l + 1]
-            ft_cfg = dataclasses.replace(
-                cfg.train,
-                max_epochs=cfg.layer_finetune_epochs or max(1, cfg.train.max_epochs // 2),
-                lr=cfg.train.lr * cfg.layer_finetune_lr_factor,
-                seed=cfg.train.seed + 7919 * (l + 1),
-            )
+            seed = cfg.train.seed + 7919 * (l + 1)
+            if cfg.upper_students == "fresh":
+                ft_cfg = dataclasses.replace(cfg.train, seed=seed)
+                start_from = None
+            else:
+                ft_cfg = dataclasses.replace(
+                    cfg.train,
+                    max_epochs=cfg.layer_finetune_epochs or max(1, cfg.train.max_epochs // 2),
+                    lr=cfg.train.lr * cfg.layer_finetune_lr_factor,
+                    seed=seed,
+                )
+                start_from = upper
             ftr = train_students(
                 torch.as_tensor(u),
                 yt,
@@ -583,7 +600,7 @@ def recover(
                 act.name,
                 ft_cfg,
                 cfg.device,
-                students=upper,
+                students=start_from,
                 desc=f"students above layer {l}",
             )
             ens = ftr.students.to(dtype=torch.float64, device="cpu")
@@ -592,8 +609,9 @@ def recover(
             dt = time.perf_counter() - t0
             summary.seconds["finetune"] = dt
             timings["finetune"] += dt
+            what = "trained afresh" if cfg.upper_students == "fresh" else "fine-tuned"
             say(
-                f"students fine-tuned on the recovered layer {l} in {dt:.1f} s: relative MSE "
+                f"students {what} on the recovered layer {l} in {dt:.1f} s: relative MSE "
                 f"best {losses.min():.2e}, median {np.median(losses):.2e}"
             )
         if checkpoint is not None:
