@@ -153,13 +153,15 @@ def test_planted_deep_teacher_recovered(deep_tanh, tmp_path):
 
 def test_fresh_upper_students_recover_the_planted_deep_teacher(deep_tanh):
     teacher, X, Y = deep_tanh
-    res = recover(X, Y, _config("tanh", upper_students="fresh"))
+    messages: list[str] = []
+    res = recover(X, Y, _config("tanh", upper_students="fresh"), log=messages.append)
     assert res.network.hidden_sizes == teacher.hidden_sizes
     for al in metrics.deep_alignment(teacher, res.network):
         assert al["max"] < 1e-3, al
     assert res.relative_mse["held_out"] <= 1e-4
     # Layer 1 was clustered on new students, not on the first training's upper layers.
-    assert res.layers[0].students_relative_mse is not None
+    assert any(m.startswith("students trained afresh on the recovered layer 0") for m in messages)
+    assert not any("fine-tuned on the recovered layer" in m for m in messages)
     with pytest.raises(ValueError, match="upper_students"):
         _config("tanh", upper_students="new")
 

@@ -241,7 +241,13 @@ def _setting_value(key: str, value, where: str):
 
 def _check_settings(suite: Suite, where: str) -> None:
     """Build every problem's recover config, so an out-of-range setting (``epochs: 0``) is
-    refused before the first problem runs rather than when it does."""
+    refused before the first problem runs rather than when it does.
+
+    Raises
+    ------
+    InputError
+        Naming ``where``, the problem and the config's message (gamma * N < 2 included).
+    """
     from .clustering import min_cluster_size
 
     try:

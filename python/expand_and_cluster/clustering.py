@@ -247,10 +247,7 @@ def input_mask_from_queries(X: np.ndarray | torch.Tensor, tolerance: float = 1e-
 def _cosine_distances_native(u: np.ndarray, absolute: bool, device="cpu") -> np.ndarray:
     """``[M, D]`` float64 -> ``[M, M]`` float64 cosine distances, C++ kernel (CUDA kernel when
     ``device`` is a GPU; the matrix comes back to host memory for the linkage)."""
-    t = torch.from_numpy(u)
-    if torch.device(device).type != "cpu":
-        return ops.cosine_distances(t.to(device), absolute).cpu().numpy()
-    return ops.cosine_distances(t, absolute).numpy()
+    return ops.cosine_distances(torch.from_numpy(u).to(device), absolute).cpu().numpy()
 
 
 def _cosine_distances_scipy(u: np.ndarray, absolute: bool) -> np.ndarray:
