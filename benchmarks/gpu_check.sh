@@ -85,10 +85,11 @@ run_step demo "$T_DEMO" "$site/bin/expand-and-cluster" demo --device cuda --quie
 cp "$work/demo/report.json" "$out/demo_report.json" 2>/dev/null || true
 
 # The small identifiability suite with students on the GPU (issue 5's GPU wall time; not in the
-# default steps): STEPS="... suite", SUITE (default benchmarks/suites/small.json), SUITE_JOBS.
+# default steps): STEPS="... suite", SUITE (default benchmarks/suites/small.json), SUITE_JOBS,
+# SUITE_ARGS (more bench arguments, e.g. "--select rho=4").
 run_step suite "${T_SUITE:-300}" "$site/bin/expand-and-cluster" bench \
   "${SUITE:-benchmarks/suites/small.json}" --device cuda --jobs "${SUITE_JOBS:-4}" \
-  --out "$work/suite"
+  --out "$work/suite" ${SUITE_ARGS:-}
 cp "$work/suite/summary.md" "$out/suite_summary.md" 2>/dev/null || true
 cp "$work/suite/results.jsonl" "$out/suite_results.jsonl" 2>/dev/null || true
 

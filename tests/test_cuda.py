@@ -34,6 +34,9 @@ SHAPES = [
     # and d_in 12 (padded to 16 inputs), a width that is not a whole number of warps, many tiles.
     ([16, 256, 4], 2, 333),
     ([12, 40, 2], 3, 1000),
+    # version 3 with 12 stored inputs (d_in 9), a one-warp block with more output units (3 x 32)
+    # than threads (several passes of the output sums), a partial last tile.
+    ([9, 20, 3], 2, 77),
 ]
 
 

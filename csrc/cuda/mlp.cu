@@ -114,18 +114,30 @@ constexpr int kThinMaxOut = 4;
 constexpr int kThinMaxWidth = 256;  // threads per block = width rounded up to whole warps
 // Static shared memory of the version-3 kernel (per-thread losses, output-bias sums per unit).
 constexpr size_t kThinStaticSmem = sizeof(double) * (kThinMaxWidth + kThinMaxOut * kThinRows);
-// Chunks per student: about this many blocks over all students, whatever the GPU (the partition
-// must not depend on the device, so that results are the same on every GPU).
+// Chunks per student: about max(kThinTargetBlocks, kThinTargetWarps / warps per block) blocks over
+// all students, whatever the GPU (the partition must not depend on the device, so that results
+// are the same on every GPU). One-warp blocks (widths up to 32) get more of them: 1,024 such
+// blocks left an H100's 132 SMs at about 8 resident warps each, latency bound.
 constexpr int64_t kThinTargetBlocks = 1024;
+constexpr int64_t kThinTargetWarps = 2048;
 
 inline bool thin_applies(const MlpParams& p) {
   return p.n_linear == 2 && p.widths[0] <= kThinMaxIn && p.widths[1] <= kThinMaxWidth &&
          p.widths[2] <= kThinMaxOut;
 }
 
-inline int thin_d(int d_in) { return d_in <= 4 ? 4 : d_in <= 8 ? 8 : 16; }
+// Inputs per row as the kernel stores them (a multiple of 4, for 16-byte vector loads).
+inline int thin_d(int d_in) { return d_in <= 4 ? 4 : d_in <= 8 ? 8 : d_in <= 12 ? 12 : 16; }
 
 inline int thin_threads(int width) { return (width + 31) / 32 * 32; }
+
+// Threads that sum one output unit (k, t) of the version-3 kernel: G consecutive threads, G a
+// power of two (at most 32, so a group lies in one warp), as many as the block's threads allow.
+__host__ __device__ inline int thin_group(int n_units, int threads) {
+  int G = 1;
+  while (G < 32 && 2 * G * n_units <= threads) G *= 2;
+  return G;
+}
 
 // Whether an activation's derivative reads the pre-activation z (else only a = f(z)).
 template <Act A>
@@ -139,14 +151,16 @@ inline bool df_needs_z(int activation) {
 // Dynamic shared memory of the version-3 kernel: the input tile [kThinRows][D], the targets and
 // the scaled errors [2][kThinMaxOut][kThinRows], the activations (and the pre-activations, for
 // the activations whose derivative reads them) [1 or 2][kThinRows][threads] and the output
-// products [d_out][kThinRows][threads].
+// products [d_out][kThinRows][threads + G] (rows padded by the group size G, thin_group, so that
+// the groups' reads fall in distinct banks).
 template <typename T>
 size_t thin_smem_bytes(const MlpParams& p) {
   constexpr int TR = kThinRows;
   const size_t threads = size_t(thin_threads(p.widths[1]));
   const size_t hz = df_needs_z(p.activation) ? 2 : 1;
+  const size_t G = size_t(thin_group(p.widths[2] * TR, int(threads)));
   const size_t elems = size_t(TR) * thin_d(p.widths[0]) + 2 * size_t(kThinMaxOut) * TR +
-                       hz * TR * threads + size_t(p.widths[2]) * TR * threads;
+                       hz * TR * threads + size_t(p.widths[2]) * TR * (threads + G);
   return elems * sizeof(T);
 }
 
@@ -216,7 +230,9 @@ Plan<T> make_plan(const MlpParams& p, bool grad) {
       pl.thin_threads = thin_threads(p.widths[1]);
       const int64_t N = p.n_students;
       a.n_tiles = (B + TR - 1) / TR;
-      int64_t chunks = std::max<int64_t>(1, std::min((kThinTargetBlocks + N - 1) / N, a.n_tiles));
+      const int64_t target =
+          std::max<int64_t>(kThinTargetBlocks, kThinTargetWarps / (pl.thin_threads / 32));
+      int64_t chunks = std::max<int64_t>(1, std::min((target + N - 1) / N, a.n_tiles));
       const size_t per_item = size_t(a.P) * sizeof(T) + sizeof(double);
       const size_t fit = kWorkspaceBudget / (size_t(N) * per_item);
       chunks = std::max<int64_t>(1, std::min<int64_t>(chunks, int64_t(fit)));
@@ -691,7 +707,14 @@ __global__ void __launch_bounds__(kThinMaxWidth) mlp_thin_kernel(const Args<T> a
   T* errs = ys + DO * TR;                  // [DO][TR]: scale * (f_k - y_k), 0 off the batch
   T* hs = errs + DO * TR;                  // [TR][wp]: h_j[t] (column j private to thread j)
   T* zs = hs + TR * wp;                    // [TR][wp]: z_j[t] (if the derivative reads it)
-  T* red = kDfNeedsZ<A> ? zs + TR * wp : zs;  // [d_out][TR][wp]: W2[k][j] h_j[t]
+  // Output sums: G consecutive threads per unit (k, t) (thin_group); the thread with g == 0 owns
+  // the unit (its error, bias gradient and loss). The products' rows are padded to rs = wp + G
+  // elements: group u's lanes then read banks u * G + g + G * i (mod 32), distinct across the
+  // warp (unpadded, every group of a warp read the same bank: a 32-way conflict when G = 1).
+  const int n_units = d_out * TR;
+  const int G = thin_group(n_units, wp);
+  const int rs = wp + G;
+  T* red = kDfNeedsZ<A> ? zs + TR * wp : zs;  // [d_out][TR][rs]: W2[k][j] h_j[t]
 
   // The neuron's parameters (threads beyond the width copy neuron 0 and write no results).
   const bool active = tid < width;
@@ -714,12 +737,6 @@ __global__ void __launch_bounds__(kThinMaxWidth) mlp_thin_kernel(const Args<T> a
   for (int k = 0; k < DO; ++k) gw2[k] = T(0);
   for (int u = tid; u < DO * TR; u += wp) gb2u[u] = T(0);
   double loss_acc = 0.0;
-
-  // Output sums: G consecutive threads per unit (k, t), G a power of two (at most 32, so a group
-  // lies in one warp); the thread with g == 0 owns the unit (its error, bias gradient and loss).
-  const int n_units = d_out * TR;
-  int G = 1;
-  while (G < 32 && 2 * G * n_units <= wp) G *= 2;
 
   const int64_t t_end =
       (c + 1) * a.tiles_per_chunk < a.n_tiles ? (c + 1) * a.tiles_per_chunk : a.n_tiles;
@@ -763,7 +780,7 @@ __global__ void __launch_bounds__(kThinMaxWidth) mlp_thin_kernel(const Args<T> a
       if (active) {
 #pragma unroll
         for (int k = 0; k < DO; ++k)
-          if (k < d_out) red[(k * TR + t) * wp + tid] = w2[k] * h;
+          if (k < d_out) red[(k * TR + t) * rs + tid] = w2[k] * h;
       }
     }
     __syncthreads();
@@ -772,7 +789,8 @@ __global__ void __launch_bounds__(kThinMaxWidth) mlp_thin_kernel(const Args<T> a
       const int v = base + tid, u = v / G, g = v % G;
       T s = T(0);
       if (u < n_units) {
-        const T* r = red + u * wp;
+        const T* r = red + u * rs;
+#pragma unroll 4
         for (int q = g; q < width; q += G) s += r[q];
       }
       for (int off = G / 2; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
@@ -878,9 +896,10 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(const ReduceArgs<T> r)
 template <typename T, Act A>
 void launch_thin(const Plan<T>& pl, cudaStream_t stream) {
   const int d = thin_d(pl.a.widths[0]);
-  auto kernel = d == 4 ? mlp_thin_kernel<T, A, 4>
-                : d == 8 ? mlp_thin_kernel<T, A, 8>
-                         : mlp_thin_kernel<T, A, 16>;
+  auto kernel = d == 4    ? mlp_thin_kernel<T, A, 4>
+                : d == 8  ? mlp_thin_kernel<T, A, 8>
+                : d == 12 ? mlp_thin_kernel<T, A, 12>
+                          : mlp_thin_kernel<T, A, 16>;
   if (pl.smem_bytes_thin + kThinStaticSmem > kDefaultSmem)
     cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      int(pl.smem_bytes_thin)),
