@@ -5,8 +5,14 @@ import pytest
 
 from expand_and_cluster import metrics
 from expand_and_cluster.network import Network
-from expand_and_cluster.reconstruction import reconstruct_one_hidden_layer
-from expand_and_cluster.repair import RepairConfig, grow_neurons, prune_neurons, repair_width
+from expand_and_cluster.reconstruction import finetune, reconstruct_one_hidden_layer
+from expand_and_cluster.repair import (
+    RepairConfig,
+    grow_neurons,
+    prune_neurons,
+    repair_width,
+    residual_neurons,
+)
 from expand_and_cluster.teacher import planted_teacher, probe
 
 
@@ -92,6 +98,44 @@ def test_grow_adds_the_missing_teacher_neuron_and_ignores_junk(activation):
     assert trials >= 2
 
 
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "softplus"])
+def test_residual_neurons_point_at_the_missing_teacher_neuron(activation):
+    # The teacher without one neuron, output layer refitted: the residual is that neuron's
+    # contribution (up to the projection), so the best residual neuron is it.
+    t, x, y = _teacher(activation, width=4)
+    inc = t.incoming(0)
+    net = reconstruct_one_hidden_layer(np.delete(inc, 1, axis=0), x, y, activation)
+    found = residual_neurons(net, x, y, n_starts=64, keep=3)
+    assert 1 <= len(found) <= 3
+    assert [c["explained"] for c in found] == sorted((c["explained"] for c in found), reverse=True)
+    assert found[0]["explained"] > 0.99
+    al = metrics.alignment(inc[1:2], found[0]["incoming"][None, :], activation)
+    assert al["max"] < 1e-3
+    # An exact network leaves no residual.
+    assert residual_neurons(t, x, y) == []
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "softplus"])
+def test_grow_without_candidates_finds_the_missing_neuron_from_the_residual(activation):
+    # No student found the neuron (no candidates), and the fine-tune has spread its function
+    # over the others: the residual neuron, fine-tuned, is the teacher's.
+    t, x, y = _teacher(activation, width=4)
+    inc = t.incoming(0)
+    net = reconstruct_one_hidden_layer(inc[:3], x, y, activation)
+    net = finetune(net, x, y, max_iterations=300).network
+    before = metrics.relative_mse(net.forward(x), y)
+    assert before > 1e-6
+    out, added, _ = grow_neurons(net, [], x, y, RepairConfig())
+    assert out.hidden_sizes == [4]
+    assert len(added) == 1 and added[0]["source"] == "residual"
+    assert added[0]["cluster_size"] == 0 and added[0]["median_angle_degrees"] is None
+    assert metrics.relative_mse(out.forward(x), y) < 1e-20
+    assert metrics.alignment(inc, out.incoming(0), activation)["max"] < 1e-10
+    # Without residual neurons there is nothing to try.
+    same, added, trials = grow_neurons(net, [], x, y, RepairConfig(residual_candidates=0))
+    assert same is net and added == [] and trials == 0
+
+
 def test_grow_looks_ahead_when_two_neurons_are_missing():
     # Two missing neurons of equal strength: the first addition gains less than grow_factor (the
     # other one's error remains), the second makes the network exact; both are kept.
@@ -124,8 +168,10 @@ def test_grow_keeps_nothing_when_no_candidate_helps_enough():
         {"incoming": rng.normal(size=inc.shape[1]), "size": 6, "median_angle_degrees": 1.0}
         for _ in range(3)
     ]
-    out, added, trials = grow_neurons(net, junk, x, y, RepairConfig(iterations=100))
-    assert out is net and added == [] and trials == 3
+    cfg = RepairConfig(iterations=100)
+    out, added, trials = grow_neurons(net, junk, x, y, cfg)
+    # the 3 candidates, then (none helped) the residual neurons: none helps either
+    assert out is net and added == [] and trials == 3 + cfg.residual_candidates
     # Disabled growing tries nothing.
     out, added, trials = grow_neurons(net, junk, x, y, RepairConfig(grow_candidates=0))
     assert out is net and trials == 0
