@@ -238,6 +238,8 @@ def residual_neurons(
     dirs = torch.randn(n_starts, d_in, generator=g, dtype=torch.float64) * mask
     dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-12)
     norms = torch.as_tensor(np.linalg.norm(inc[:, :-1], axis=1), dtype=torch.float64)
+    if len(norms) == 0:  # no hidden neuron yet: unit norms
+        norms = torch.ones(1, dtype=torch.float64)
     pick = torch.randint(len(norms), (n_starts,), generator=g)
     scale = 2.0 ** (2.0 * torch.rand(n_starts, generator=g, dtype=torch.float64) - 1.0)
     w = (dirs * (norms[pick].clamp_min(1e-3) * scale)[:, None]).requires_grad_(True)
