@@ -575,10 +575,10 @@ def summary_markdown(summary: dict) -> str:
         f"# Suite {summary.get('suite', '')}: {summary['problems']} problems",
         "",
         f"Success (exact width, every teacher neuron within 1e-3): "
-        f"{summary['success_rate']:.0%}; within 1e-6: {summary['success_rate_1e-6']:.0%}. "
+        f"{summary['success_rate']:.1%}; within 1e-6: {summary['success_rate_1e-6']:.1%}. "
         f"Median time per problem {summary['median_seconds']:.1f} s, total "
         f"{summary['total_seconds']:.0f} s. Without the width repair (the paper's procedure "
-        f"alone): {summary['success_rate_without_repair']:.0%}.",
+        f"alone): {summary['success_rate_without_repair']:.1%}.",
         "",
         "| activation | problems | success (1e-3) | success (1e-6) | without repair (1e-3) |",
         "|---|---|---|---|---|",
