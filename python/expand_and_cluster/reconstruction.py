@@ -85,6 +85,16 @@ def hidden_features(x: np.ndarray, incoming: np.ndarray, activation: str) -> np.
         return act.fn(xt @ w.T + b).numpy()
 
 
+def output_design(features: np.ndarray, x: np.ndarray, linear_term: bool) -> np.ndarray:
+    """``[P, k + 1 (+ d_in)]`` float64 design of the least-squares output layer: the hidden
+    features ``[P, k]``, a column of ones (the output bias) and, with ``linear_term``, the inputs
+    ``x`` ``[P, d_in]`` (the even_linear classes' skip term)."""
+    cols = [features, np.ones((features.shape[0], 1))]
+    if linear_term:
+        cols.append(x)
+    return np.concatenate(cols, axis=1)
+
+
 def fit_output_layer(
     features: np.ndarray, x: np.ndarray, y: np.ndarray, linear_term: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -98,11 +108,7 @@ def fit_output_layer(
     -------
     (W ``[d_out, k]``, b ``[d_out]``, Theta ``[d_out, d_in]`` or None)
     """
-    cols = [features, np.ones((features.shape[0], 1))]
-    if linear_term:
-        cols.append(x)
-    a = np.concatenate(cols, axis=1)
-    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+    coef, *_ = np.linalg.lstsq(output_design(features, x, linear_term), y, rcond=None)
     k = features.shape[1]
     w = coef[:k].T
     b = coef[k]

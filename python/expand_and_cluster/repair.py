@@ -43,7 +43,12 @@ import torch
 from .activations import get_activation
 from .metrics import relative_mse
 from .network import Network
-from .reconstruction import finetune, hidden_features, reconstruct_one_hidden_layer
+from .reconstruction import (
+    finetune,
+    hidden_features,
+    output_design,
+    reconstruct_one_hidden_layer,
+)
 
 #: At most this many candidates (the first ones given) are scored by a least-squares refit per
 #: added neuron.
@@ -203,6 +208,9 @@ def residual_neurons(
     Parameters
     ----------
     net : one hidden layer, float64. x : ``[P, d_in]``; y : ``[P, d_out]`` (float64).
+    n_starts : random starts, optimised together. steps : Adam steps (learning rate 0.01 times
+        the median norm of the network's incoming weights, at least 0.001).
+    keep : most neurons returned. seed : seeds the starts (the same seed, the same neurons).
 
     Returns
     -------
@@ -221,10 +229,8 @@ def residual_neurons(
     xt = torch.as_tensor(x, dtype=torch.float64)
     yt = torch.as_tensor(y, dtype=torch.float64)
     inc = net.incoming(0)
-    cols = [torch.as_tensor(hidden_features(x, inc, net.activation)), torch.ones(len(x), 1)]
-    if act.symmetry.has_linear_term:
-        cols.append(xt)
-    q, _ = torch.linalg.qr(torch.cat([c.to(torch.float64) for c in cols], dim=1))
+    design = output_design(hidden_features(x, inc, net.activation), x, act.symmetry.has_linear_term)
+    q, _ = torch.linalg.qr(torch.as_tensor(design, dtype=torch.float64))
     r = yt - q @ (q.T @ yt)
     r2 = float((r * r).sum())
     spread = float(((yt - yt.mean(dim=0)) ** 2).sum())
