@@ -7,8 +7,11 @@ import pytest
 from expand_and_cluster.bench import (
     SUITE_FORMAT,
     Problem,
+    Suite,
+    SuiteSettings,
     load_suite,
     override_settings,
+    problem_config,
     run_suite,
     select_problems,
     summarise,
@@ -107,6 +110,7 @@ def test_run_resume_and_summary(tmp_path, capsys):
     # Easy problems need no repair: the network before it is the same and scores the same.
     assert all(r["success_without_repair"] and r["width_before_repair"] == 3 for r in rows)
     assert all(r["repair_added"] == 0 and r["repair_pruned"] == 0 for r in rows)
+    assert all(not r["retrained"] and r["success_without_retrain"] for r in rows)
     assert all(r["epochs"] == QUICK["epochs"] for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["success_rate"] == 1.0 and summary["per_activation"]["relu"]["problems"] == 1
@@ -269,3 +273,40 @@ def test_summary_reports_the_rate_without_repair_per_rho_and_class():
     assert list(s["per_rho"]) == ["4.0", "8.0"]
     md = summary_markdown(s)
     assert "| 4.0 | 3/3 (1) | 1/1 (0) | 2/2 (1) |" in md
+
+
+def test_summary_counts_retrains():
+    base = {"rho": 4.0, "width": 3, "seconds": 1.0, "success_1e-6": True, "recovered_width": 3}
+    rows = [
+        {**base, "id": "a", "activation": "tanh", "success": True, "retrained": False},
+        {
+            **base,
+            "id": "b",
+            "activation": "tanh",
+            "success": True,
+            "retrained": True,
+            "retrain_kept": "retrained",
+            "success_without_retrain": False,
+        },
+        {
+            **base,
+            "id": "c",
+            "activation": "g",
+            "success": False,
+            "retrained": True,
+            "retrain_kept": "first",
+            "success_without_retrain": False,
+        },
+        {**base, "id": "d", "activation": "g", "success": True},  # a row older than the retrain
+    ]
+    s = summarise(rows)
+    assert (s["retrained"], s["retrained_kept"]) == (2, 1)
+    assert s["success_rate"] == 0.75 and s["success_rate_without_retrain"] == 0.5
+    assert "2 problem(s), the retrain kept in 1; without the retrain: 50.0%" in summary_markdown(s)
+
+
+def test_problem_config_passes_the_retrain_settings():
+    suite = Suite("s", SuiteSettings(retrain_factor=3, retrain_gap=20.0), [])
+    problem = Problem("p", "tanh", 4, 3)
+    cfg, _ = problem_config(problem, suite.settings)
+    assert (cfg.retrain_factor, cfg.retrain_gap, cfg.retrain_above) == (3, 20.0, 1e-6)

@@ -148,6 +148,15 @@ def _add_method_options(p: argparse.ArgumentParser, students_default: int = 20) 
         help="batched float64 L-BFGS iterations on the students after Adam",
     )
     g.add_argument(
+        "--retrain-factor",
+        type=_positive_int("--retrain-factor"),
+        default=1,
+        help="when the recovered network's relative MSE is above 1e-6 and 10 times the median "
+        "student's (the students fit, the clusters they share do not), train the students "
+        "again with this many times the epochs and keep the better result (default "
+        "%(default)s: never; not in the paper)",
+    )
+    g.add_argument(
         "--finetune-iterations",
         type=int,
         default=3000,
@@ -390,6 +399,7 @@ def _configs(args, hidden_layers: int = 1):
         upper_students=args.upper_students,
         device=args.device,
         repair=_repair_config(args),
+        retrain_factor=getattr(args, "retrain_factor", 1),
     )
 
 
@@ -496,6 +506,7 @@ def _run(
             "cluster": res.timings_s["cluster"],
             "finetune": res.timings_s["finetune"],
             "repair": res.timings_s["repair"],
+            "retrain": res.timings_s.get("retrain", 0.0),
             "total": t_probe + (time.perf_counter() - t0),
         },
         hidden_layers=n_layers,
@@ -512,6 +523,7 @@ def _run(
         bits_of_precision=bits,
         student_stop_reasons=res.training.stop_reason,
         width_repair=None if res.repair is None else res.repair.to_json(),
+        retrain=res.retrain,
         **(extra or {}),
     )
     report.write_json_atomic(out.path("report.json"), rep)
@@ -636,6 +648,7 @@ def cmd_cluster(args, log) -> int:
         train=dataclasses.replace(old.train, progress=not args.quiet),
         device="cpu",
         repair=_repair_config(args),
+        retrain_factor=1,  # re-clustering never trains
     )
     if cfg.cluster.gamma * cfg.train.n_students < 2:
         raise InputError(

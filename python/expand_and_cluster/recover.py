@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ import torch
 from .activations import get_activation
 from .checkpoint import Checkpoint
 from .clustering import ClusterConfig, LayerClustering, cluster_layer, input_mask_from_queries
-from .errors import InputError
+from .errors import InputError, NoClusterError
 from .metrics import relative_mse
 from .network import Network
 from .reconstruction import (
@@ -76,6 +77,18 @@ class RecoverConfig:
     repair : width repair of the last hidden layer after the final fine-tune
         (:class:`~expand_and_cluster.repair.RepairConfig`; not part of the paper's procedure;
         deep networks of the even_linear classes are not repaired).
+    retrain_factor : escalation when the reconstruction lost neurons that the students had
+        (not part of the paper's procedure): when the recovered network's training relative MSE
+        is above ``retrain_above`` and at least ``retrain_gap`` times the students' median, the
+        students are trained once more, from the same seed at the same width, with the epoch
+        budget, plateau patience and cooldown all ``retrain_factor`` times the first's (the same
+        schedule, stretched), and everything after the training reruns; the result with the
+        lower training relative MSE is kept. 1: never retrain.
+    retrain_above : relative MSE (on the training queries) above which a retrain is considered.
+    retrain_gap : the retrain runs only when the recovered network is at least this many times
+        worse than the median student, i.e. the students explain the queries but the
+        clusters they agree on do not (too few students found a neuron); a network as poor as
+        its students (an expansion factor too small to fit) is not retrained.
     """
 
     activation: str
@@ -92,6 +105,9 @@ class RecoverConfig:
     upper_students: str = "finetune"
     device: str = "cpu"
     repair: RepairConfig = field(default_factory=RepairConfig)
+    retrain_factor: int = 1
+    retrain_above: float = 1e-6
+    retrain_gap: float = 10.0
 
     def __post_init__(self) -> None:
         get_activation(self.activation)
@@ -111,6 +127,14 @@ class RecoverConfig:
             raise ValueError("layer_refine_iterations: expected >= 0")
         if not 0.0 < self.layer_finetune_lr_factor <= 1.0:
             raise ValueError("layer_finetune_lr_factor: expected a value in (0, 1]")
+        if int(self.retrain_factor) != self.retrain_factor or self.retrain_factor < 1:
+            raise ValueError(
+                f"retrain_factor: expected an integer >= 1, got {self.retrain_factor!r}"
+            )
+        if not self.retrain_above >= 0:
+            raise ValueError(f"retrain_above: expected >= 0, got {self.retrain_above!r}")
+        if not self.retrain_gap >= 1:
+            raise ValueError(f"retrain_gap: expected >= 1, got {self.retrain_gap!r}")
         if self.upper_students not in ("finetune", "fresh"):
             raise ValueError(
                 f"upper_students: expected 'finetune' or 'fresh', got {self.upper_students!r}"
@@ -272,6 +296,11 @@ class RecoveryResult:
         ("finetune" includes the students' per-layer fine-tunes of a deep network).
     n_train, n_held_out : query counts; held_out_index : indices of the held-out queries.
     resumed_from : name of the checkpoint stage the run started from, or None.
+    retrain : None when no retrain ran (``RecoverConfig.retrain_factor``); else {"epochs" (the
+        retrain's budget), "first" and "retrained" (each {"widths", "relative_mse"} with the
+        train and held-out relative MSE), "kept" ("first" or "retrained"), "seconds"}.
+    first_attempt : the first pass's :class:`RecoveryResult` when a retrain ran (this result
+        itself when that pass was kept), else None.
     repair : the width repair's :class:`~expand_and_cluster.repair.RepairResult` of the last
         hidden layer (None when that layer was not clustered in this run, i.e. resumed past it,
         or for a deep even_linear network).
@@ -292,6 +321,8 @@ class RecoveryResult:
     held_out_index: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, int))
     resumed_from: str | None = None
     repair: RepairResult | None = None
+    retrain: dict | None = None
+    first_attempt: RecoveryResult | None = field(default=None, repr=False)
 
 
 def split_queries(n: int, held_out_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -373,7 +404,13 @@ def recover(
        :func:`_insert_layer`) and fine-tune their upper layers on the reconstructed layer's
        activations (the reconstructed layers are frozen, so every student shares them exactly);
     4. output layer by least squares; final fine-tune of every weight (L-BFGS, then
-       Levenberg-Marquardt when the Jacobian is small).
+       Levenberg-Marquardt when the Jacobian is small); width repair of the last hidden layer
+       (``config.repair``);
+    5. with ``config.retrain_factor > 1``, when the recovered network's training relative MSE
+       is above ``retrain_above`` and ``retrain_gap`` times the median student's: steps 2-4
+       once more with a ``retrain_factor`` times longer training schedule (same seed, same
+       width); the result with the lower training relative MSE is kept (``result.retrain``).
+       Its stages are checkpointed in ``checkpoint/retrain``.
 
     Even_linear classes (softplus, gelu, silu, relu, leaky_relu), whose flips leave linear maps
     (``s(z) - s(-z) = c z``): with one hidden layer the leftover map is kept as the network's
@@ -408,6 +445,78 @@ def recover(
         When no cluster of some layer survives the gamma and beta filters.
     """
     say = log or (lambda s: None)
+    res = _recover_once(X, Y, config, say, checkpoint, resume_from, resume_layers)
+    # 5. Retrain (not in the paper) when the students explain the queries but the network not.
+    cfg = config
+    student = float(np.median(res.training.relative_mse))
+    train = res.relative_mse["train"]
+    if not (
+        cfg.retrain_factor > 1 and train > cfg.retrain_above and train >= cfg.retrain_gap * student
+    ):
+        return res
+    t0 = time.perf_counter()
+    f = int(cfg.retrain_factor)
+    tc = cfg.train
+    retry_cfg = dataclasses.replace(
+        cfg,
+        width=res.student_width,
+        train=dataclasses.replace(
+            tc, max_epochs=tc.max_epochs * f, patience=tc.patience * f, cooldown=tc.cooldown * f
+        ),
+        retrain_factor=1,
+    )
+    say(
+        f"retrain: the recovered network's relative MSE {train:.2e} is {train / student:.3g} "
+        f"times the median student's ({student:.2e}); training the students again with "
+        f"{retry_cfg.train.max_epochs} epochs"
+    )
+    sub = None if checkpoint is None else Checkpoint(Path(checkpoint.path) / "retrain")
+    sub_resume = None
+    if resume_from is not None:
+        c = Checkpoint(Path(resume_from.path) / "retrain")
+        sub_resume = c if c.has("students") else None
+    try:
+        res2 = _recover_once(X, Y, retry_cfg, say, sub, sub_resume, resume_layers)
+        second = {"widths": res2.network.hidden_sizes, "relative_mse": res2.relative_mse}
+    except NoClusterError as e:
+        res2, second = None, {"error": str(e)}
+    seconds = time.perf_counter() - t0
+    better = res2 is not None and res2.relative_mse["train"] < train
+    kept = "retrained" if better else "first"
+    out = res2 if better else res
+    out.retrain = {
+        "epochs": retry_cfg.train.max_epochs,
+        "first": {"widths": res.network.hidden_sizes, "relative_mse": res.relative_mse},
+        "retrained": second,
+        "kept": kept,
+        "seconds": seconds,
+    }
+    out.first_attempt = res
+    out.timings_s = {**out.timings_s, "retrain": seconds}
+    out.timings_s["total"] = res.timings_s["total"] + seconds
+    say(
+        "retrain: "
+        + (
+            f"widths {res2.network.hidden_sizes}, relative MSE train "
+            f"{res2.relative_mse['train']:.2e}"
+            if res2 is not None
+            else second["error"]
+        )
+        + f"; kept the {kept} result"
+    )
+    return out
+
+
+def _recover_once(
+    X: np.ndarray,
+    Y: np.ndarray,
+    config: RecoverConfig,
+    say,
+    checkpoint: Checkpoint | None = None,
+    resume_from: Checkpoint | None = None,
+    resume_layers: bool = True,
+) -> RecoveryResult:
+    """One pass of :func:`recover` (no retrain); ``say`` takes one string."""
     t_start = time.perf_counter()
     X, Y = _check_queries(X, Y)
     cfg = config
