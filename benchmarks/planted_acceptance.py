@@ -5,8 +5,10 @@
 Usage: python benchmarks/planted_acceptance.py OUT_DIR [--d-in 10 --widths 6 --d-out 2]
 Prints a markdown table (width, alignment, held-out relative MSE, wall time) and writes
 OUT_DIR/acceptance.json. Success: exact width, every teacher neuron within 1e-3 cosine distance,
-held-out relative MSE <= 1e-4 (deep: exact widths in every layer, every teacher neuron of every
-layer within 1e-3). Options that this script does not know go to `recover`.
+held-out relative MSE <= 1e-4 (deep: exact widths in every layer, and every teacher neuron of
+the first layer within 1e-3, the deep issue's acceptance, column "ok (layer 0)"; of every layer,
+column "ok (every layer)", the exit status). Options that this script does not know go to
+`recover`.
 """
 
 import argparse
@@ -78,17 +80,17 @@ def main() -> int:
             "held_out_relative_mse": rep["recovered_relative_mse"]["held_out"],
             "wall_s": wall,
         }
-        row["success"] = bool(
-            row["recovered_widths"] == widths
-            and max(row["max_distance"]) < 1e-3
-            and row["held_out_relative_mse"] <= 1e-4
-        )
+        exact = row["recovered_widths"] == widths and row["held_out_relative_mse"] <= 1e-4
+        # The deep issue's acceptance bounds the first layer's neurons; ours, every layer's.
+        row["success_first_layer"] = bool(exact and row["max_distance"][0] < 1e-3)
+        row["success"] = bool(exact and max(row["max_distance"]) < 1e-3)
         rows.append(row)
         print(row, flush=True)
     write_json_atomic(a.out / "acceptance.json", {"machine": platform.processor(), "rows": rows})
     print(
         "\n| class | teacher | student width | recovered | max dist per layer | "
-        "held-out rel. MSE | time | ok |\n|---|---|---|---|---|---|---|---|"
+        "held-out rel. MSE | time | ok (layer 0) | ok (every layer) |\n"
+        "|---|---|---|---|---|---|---|---|---|"
     )
     for r in rows:
         if "error" in r:
@@ -99,6 +101,7 @@ def main() -> int:
             f"{r['student_width']} | {r['recovered_widths']} | "
             f"{', '.join(f'{d:.1e}' for d in r['max_distance'])} | "
             f"{r['held_out_relative_mse']:.1e} | {r['wall_s']:.0f} s | "
+            f"{'yes' if r['success_first_layer'] else 'no'} | "
             f"{'yes' if r['success'] else 'no'} |"
         )
     return 0 if all(r.get("success") for r in rows) else 1

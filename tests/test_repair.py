@@ -235,3 +235,34 @@ def test_recover_repairs_the_last_layer_of_a_deep_network():
     assert res.to_json()["layer"] == 1 and res.to_json()["width_after"] == 3
     assert metrics.relative_mse(res.network.forward(x), y) < 1e-12
     np.testing.assert_allclose(res.network.weights[0], t.weights[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "g"])
+def test_grow_deep_residual_restores_the_missing_neuron_of_a_deep_teacher(activation):
+    # A deep teacher without one neuron of its last hidden layer (output layer refitted): the
+    # residual neuron, with every weight fine-tuned, is the teacher's, in both layers.
+    from expand_and_cluster.recover import _prefix_features
+    from expand_and_cluster.repair import grow_deep_residual
+
+    t = planted_teacher(4, [4, 3], 1, activation, seed=1, min_angle_degrees=30)
+    x, y = probe(t, 1000, "gaussian", seed=0)
+    h0 = _prefix_features([t.incoming(0)], x, activation)[-1]
+    part = reconstruct_one_hidden_layer(np.delete(t.incoming(1), 1, axis=0), h0, y, activation)
+    net = Network(
+        [t.weights[0], part.weights[0], part.weights[1]],
+        [t.biases[0], part.biases[0], part.biases[1]],
+        activation,
+    )
+    before = metrics.relative_mse(net.forward(x), y)
+    assert before > 1e-4
+    out, added, trials = grow_deep_residual(net, x, y, RepairConfig())
+    assert out.hidden_sizes == [4, 3] and len(added) == 1 and trials == 2
+    assert added[0]["source"] == "residual_joint"
+    assert added[0]["relative_mse_after"] < 1e-20
+    assert metrics.relative_mse(out.forward(x), y) < 1e-20
+    assert max(a["max"] for a in metrics.deep_alignment(t, out)) < 1e-10
+    # Nothing is added without residual neurons, or to an exact network.
+    same, added, trials = grow_deep_residual(net, x, y, RepairConfig(residual_candidates=0))
+    assert same is net and added == [] and trials == 0
+    same, added, trials = grow_deep_residual(t, x, y, RepairConfig())
+    assert same is t and added == [] and trials == 0

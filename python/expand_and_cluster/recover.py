@@ -30,7 +30,7 @@ from .reconstruction import (
     reconstruct_one_hidden_layer,
     resolve_linear_signs,
 )
-from .repair import RepairConfig, RepairResult, repair_width
+from .repair import RepairConfig, RepairResult, grow_deep_residual, repair_width
 from .students import StudentEnsemble
 from .training import (
     ExpansionSearchConfig,
@@ -804,8 +804,10 @@ def _repair_last_layer(
 
     With one hidden layer, the network itself. With several (classes without a linear term
     only), the top part (last hidden layer and output layer) is repaired on the features of the
-    fixed layers below, and the whole network is then fine-tuned when anything changed. The
-    returned result's ``network`` and ``before`` are whole networks.
+    fixed layers below, and the whole network is then fine-tuned when anything changed; when it
+    is still above ``grow_target``, residual neurons are grown with every weight fine-tuned
+    (:func:`~expand_and_cluster.repair.grow_deep_residual`). The returned result's ``network``
+    and ``before`` are whole networks.
     """
     if len(network.hidden_sizes) == 1:
         return repair_width(
@@ -817,6 +819,7 @@ def _repair_last_layer(
     top = Network(network.weights[-2:], network.biases[-2:], network.activation)
     res = repair_width(top, candidates, below, y, cfg.repair, final_iterations=0)
     res.before = network
+    full = network
     if res.changed:
         full = Network(
             network.weights[:-2] + res.network.weights,
@@ -825,9 +828,18 @@ def _repair_last_layer(
         )
         if cfg.finetune_iterations > 0:
             full = finetune(full, x, y, max_iterations=cfg.finetune_iterations).network
-        res.network = full
-    else:
-        res.network = network
+    # Then residual neurons with every weight fine-tuned (the fixed features may be bent).
+    if cfg.repair.grow_candidates > 0 and relative_mse(full.forward(x), y) > cfg.repair.grow_target:
+        t0 = time.perf_counter()
+        grown, added, trials = grow_deep_residual(full, x, y, cfg.repair)
+        res.trials += trials
+        if added:
+            res.added = res.added + added
+            full = grown
+            if cfg.finetune_iterations > 0:
+                full = finetune(full, x, y, max_iterations=cfg.finetune_iterations).network
+        res.seconds += time.perf_counter() - t0
+    res.network = full
     return res
 
 
