@@ -157,3 +157,25 @@ def test_retrain_end_to_end_recovers_more_and_checkpoints_in_a_subfolder(tmp_pat
     assert res.network.hidden_sizes[0] > 2
     assert res.relative_mse["train"] < 1e-2 * first["relative_mse"]["train"]
     assert ckpt.has("students") and Checkpoint(tmp_path / "ckpt" / "retrain").has("students")
+
+
+def test_bench_row_records_a_retrain_that_kept_the_first_pass(monkeypatch):
+    # A retrain that lost keeps the first pass, which is then the result itself: the row must
+    # still say that a retrain ran.
+    from expand_and_cluster import bench
+
+    def fake(X, Y, cfg):
+        net = Network([np.ones((2, 4)), np.ones((1, 2))], [np.zeros(2), np.zeros(1)], "tanh")
+        res = _fake_result(2, 5e-4, 3e-7)
+        res.network = net
+        res.clustering = type("C", (), {"dropped": []})()
+        res.retrain = {"kept": "first", "epochs": 1200}
+        res.first_attempt = res
+        return res
+
+    monkeypatch.setattr(rec, "recover", fake)
+    problem = bench.Problem("p", "tanh", d_in=4, width=3, queries_per_param=20)
+    row = bench.run_problem(problem, bench.SuiteSettings())
+    assert row["retrained"] and row["retrain_kept"] == "first"
+    assert row["width_before_retrain"] == 2 and row["recovered_width"] == 2
+    assert not row["success"] and not row["success_without_retrain"]

@@ -445,7 +445,7 @@ def run_problem(problem: Problem, settings: SuiteSettings, device: str = "cpu") 
     # The first pass (before a retrain), and the paper's procedure alone (the first pass before
     # this package's width repair), for comparison.
     first = res if res.first_attempt is None else res.first_attempt
-    if first is not res:
+    if res.retrain is not None:  # the first pass is ``res`` itself when the retrain lost
         ok, al = score(first.network)
         row.update(
             retrained=True,
