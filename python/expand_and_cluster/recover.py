@@ -466,8 +466,9 @@ def recover(
         retrain_factor=1,
     )
     say(
-        f"retrain: the recovered network's relative MSE {train:.2e} is {train / student:.3g} "
-        f"times the median student's ({student:.2e}); training the students again with "
+        f"retrain: the recovered network's relative MSE {train:.2e} is at least "
+        f"{cfg.retrain_gap:g} times the median student's ({student:.2e}); training the "
+        "students again with "
         f"{retry_cfg.train.max_epochs} epochs"
     )
     sub = None if checkpoint is None else Checkpoint(Path(checkpoint.path) / "retrain")
@@ -828,8 +829,9 @@ def _repair_last_layer(
         )
         if cfg.finetune_iterations > 0:
             full = finetune(full, x, y, max_iterations=cfg.finetune_iterations).network
-    # Then residual neurons with every weight fine-tuned (the fixed features may be bent).
-    if cfg.repair.grow_candidates > 0 and relative_mse(full.forward(x), y) > cfg.repair.grow_target:
+    # Then residual neurons with every weight fine-tuned (the fixed features may be bent); it
+    # returns at once when ``full`` is within grow_target.
+    if cfg.repair.grow_candidates > 0:
         t0 = time.perf_counter()
         grown, added, trials = grow_deep_residual(full, x, y, cfg.repair)
         res.trials += trials
