@@ -214,6 +214,30 @@ def test_training_on_cuda_follows_the_cpu():
 
 
 @gpu
+def test_training_on_cuda_reads_back_every_k_epochs_without_changing_the_result():
+    # The schedules run on the GPU (torch backend); reading the losses back every 16 epochs (the
+    # GPU default) gives the bit-identical students of reading back every epoch.
+    from expand_and_cluster.training import TrainConfig, train_students
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 3, generator=g, dtype=torch.float64)
+    y = torch.tanh(x @ torch.randn(3, 2, generator=g, dtype=torch.float64)).sum(1, keepdim=True)
+    runs = []
+    for k in (1, None):
+        cfg = TrainConfig(
+            n_students=6, max_epochs=300, patience=0, cooldown=0, lr=0.5, min_lr=1e-3,
+            seed=3, progress=False, sync_every=k,
+        )  # fmt: skip
+        runs.append(train_students(x, y, [4], "tanh", cfg, "cuda"))
+    a, b = runs
+    assert len(set(a.epochs.tolist())) >= 3  # students stop at different epochs
+    for p, q in zip(a.students.params(), b.students.params()):
+        assert torch.equal(p, q)
+    assert a.stop_reason == b.stop_reason and (a.epochs == b.epochs).all()
+    assert a.history == b.history
+
+
+@gpu
 @pytest.mark.parametrize("deep", [False, True], ids=["one-layer", "deep"])
 def test_recover_on_cuda_recovers_a_planted_teacher(deep):
     # The CPU tests' problems and budgets (tests/test_recover.py, tests/test_deep.py), students

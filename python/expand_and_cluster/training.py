@@ -42,6 +42,13 @@ class TrainConfig:
     dtype : "float32" or "float64" for the Adam phase.
     seed : seeds initialisation and mini-batch order.
     progress : show a progress bar.
+    sync_every : read the losses back to the host every this many epochs (None: 1 on the CPU, 16
+        on a GPU). The plateau schedules and stop rules run on the students' device every epoch,
+        so the result does not depend on it: a student that stops keeps learning rate 0 (its
+        weights frozen) until the next read-back, where it leaves the batch. A larger value saves
+        a host synchronisation per epoch (on a GPU, per step in full batch) at the cost of up to
+        ``sync_every - 1`` epochs of wasted work per stopped student; a diverged student (loss
+        NaN/Inf) is reported at the next read-back, with the epoch it diverged.
     """
 
     n_students: int = 20
@@ -57,6 +64,7 @@ class TrainConfig:
     dtype: str = "float32"
     seed: int = 0
     progress: bool = True
+    sync_every: int | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -71,6 +79,7 @@ class TrainConfig:
             ("min_lr", self.min_lr >= 0, ">= 0"),
             ("polish_iterations", self.polish_iterations >= 0, ">= 0"),
             ("dtype", self.dtype in _DTYPES, "'float32' or 'float64'"),
+            ("sync_every", self.sync_every is None or self.sync_every >= 1, "None or >= 1"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -135,29 +144,91 @@ def _validate_xy(x: torch.Tensor, y: torch.Tensor) -> None:
         raise ValueError("x, y: contain NaN or Inf")
 
 
-class _Plateau:
-    """Per-student ReduceLROnPlateau (mode min, threshold 0), vectorised over students in numpy."""
+class _Schedules:
+    """Per-student training state: plateau schedule, stop rules, last relative MSE.
 
-    def __init__(self, n: int, lr: float, cfg: TrainConfig):
-        self.lr = np.full(n, lr)
-        self.best = np.full(n, np.inf)
-        self.bad = np.zeros(n, dtype=np.int64)
-        self.cool = np.zeros(n, dtype=np.int64)
-        self.cfg = cfg
+    The schedule is torch.optim.lr_scheduler.ReduceLROnPlateau (mode min, threshold 0), one per
+    student. Elementwise ops only, on numpy arrays for students on the CPU (cheapest there) and on
+    tensors of the students' device otherwise (no host synchronisation); float64 values either
+    way, so both give the same numbers. ``live``: not stopped yet; ``code``: 1 stopped on the
+    target, 2 on min_lr; ``diverged``: first epoch with a non-finite loss (0: none).
+    """
 
-    def update(self, idx: np.ndarray, loss: np.ndarray) -> None:
-        better = loss < self.best[idx]
-        self.best[idx] = np.where(better, loss, self.best[idx])
-        self.bad[idx] = np.where(better, 0, self.bad[idx] + 1)
-        cooling = self.cool[idx] > 0
-        self.cool[idx] = np.where(cooling, self.cool[idx] - 1, 0)
-        self.bad[idx] = np.where(cooling, 0, self.bad[idx])
-        reduce = self.bad[idx] > self.cfg.patience
-        if reduce.any():
-            r = idx[reduce]
-            self.lr[r] *= self.cfg.factor
-            self.cool[r] = self.cfg.cooldown
-            self.bad[r] = 0
+    def __init__(self, n: int, cfg: TrainConfig, var_y: float, device, backend: str):
+        self.cfg, self.var_y = cfg, var_y
+        self.xp = np if backend == "numpy" else torch
+        if self.xp is np:
+
+            def full(v, dtype):
+                return np.full(n, v, dtype=dtype)
+
+            i64, f64, bool_ = np.int64, np.float64, np.bool_
+        else:
+
+            def full(v, dtype):
+                return torch.full((n,), v, dtype=dtype, device=device)
+
+            i64, f64, bool_ = torch.int64, torch.float64, torch.bool
+        self.lr = full(float(cfg.lr), f64)
+        self.best = full(math.inf, f64)
+        self.bad = full(0, i64)
+        self.cool = full(0, i64)
+        self.live = full(True, bool_)
+        self.rel = full(math.inf, f64)
+        self.epochs = full(0, i64)
+        self.code = full(0, i64)
+        self.diverged = full(0, i64)
+
+    def step_lr(self):
+        """``[n]`` learning rates of the next epoch: 0 for stopped students (weights frozen)."""
+        return self.xp.where(self.live, self.lr, 0.0)
+
+    def update(self, epoch: int, loss) -> None:
+        """Record one epoch's loss ``[n]`` (float64 array of the backend) of the live students."""
+        xp, cfg, live = self.xp, self.cfg, self.live
+        bad = live & ~xp.isfinite(loss)
+        self.diverged = xp.where(bad & (self.diverged == 0), epoch, self.diverged)
+        self.rel = xp.where(live, loss / self.var_y, self.rel)
+        self.epochs = xp.where(live, epoch, self.epochs)
+        # ReduceLROnPlateau: better (threshold 0), cooldown, patience, factor.
+        better = loss < self.best
+        best = xp.where(better, loss, self.best)
+        n_bad = xp.where(better, 0, self.bad + 1)
+        cooling = self.cool > 0
+        cool = xp.where(cooling, self.cool - 1, 0)
+        n_bad = xp.where(cooling, 0, n_bad)
+        reduce = n_bad > cfg.patience
+        lr = xp.where(reduce, self.lr * cfg.factor, self.lr)
+        cool = xp.where(reduce, cfg.cooldown, cool)
+        n_bad = xp.where(reduce, 0, n_bad)
+        self.best = xp.where(live, best, self.best)
+        self.bad = xp.where(live, n_bad, self.bad)
+        self.cool = xp.where(live, cool, self.cool)
+        self.lr = xp.where(live, lr, self.lr)
+        # Stop rules.
+        hit = live & (self.rel <= cfg.target_relative_mse)
+        low = live & (self.lr < cfg.min_lr)
+        self.code = xp.where(hit, 1, xp.where(low, 2, self.code))
+        self.live = live & ~(hit | low)
+
+    _FIELDS = ("lr", "best", "bad", "cool", "live", "rel", "epochs", "code", "diverged")
+
+    def select(self, keep: np.ndarray) -> None:
+        """Keep the students at positions ``keep`` (int array)."""
+        if self.xp is not np:
+            keep = torch.as_tensor(keep, device=self.lr.device)
+        for name in self._FIELDS:
+            setattr(self, name, getattr(self, name)[keep])
+
+    def to_host(self, extra=()) -> tuple[dict, list[np.ndarray]]:
+        """The state as numpy arrays, and ``extra`` arrays of the backend (one transfer)."""
+        arrays = [getattr(self, f) for f in self._FIELDS] + list(extra)
+        if self.xp is not np:
+            stacked = torch.stack([a.to(torch.float64) for a in arrays]).cpu().numpy()
+            arrays = list(stacked)
+        state = {f: np.asarray(a) for f, a in zip(self._FIELDS, arrays)}
+        state["live"] = state["live"] != 0
+        return state, arrays[len(self._FIELDS) :]
 
 
 def train_students(
@@ -212,8 +283,11 @@ def _train_students(
     device: str | torch.device = "cpu",
     students: StudentEnsemble | None = None,
     desc: str = "students",
+    backend: str | None = None,
 ) -> TrainResult:
-    """Implementation of :func:`train_students` (torch thread count already set)."""
+    """Implementation of :func:`train_students` (torch thread count already set). ``backend``
+    ("numpy" or "torch"): where the per-student schedules run (default: numpy for students on the
+    CPU, torch on their device otherwise); tests run both on the CPU."""
     get_activation(activation)
     _validate_xy(x, y)
     cfg = config
@@ -231,75 +305,85 @@ def _train_students(
     else:
         ens = students.to(dtype=dtype, device=device)
     n = ens.n_students
-    sched = _Plateau(n, cfg.lr, cfg)
+    dev = ens.device
+    sync_every = cfg.sync_every or (16 if dev.type == "cuda" else 1)
+    # Host copies, filled at each read-back, indexed by student.
     rel = np.full(n, np.inf)
     epochs = np.zeros(n, dtype=np.int64)
     reason = ["budget"] * n
+    final_lr = np.full(n, float(cfg.lr))
     done = np.zeros(n, dtype=bool)
     gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
     batch = n_queries if cfg.batch_size is None else min(cfg.batch_size, n_queries)
     hist_every = max(1, cfg.max_epochs // 400)
     history: dict = {"epoch": [], "relative_mse": []}
 
+    # State of the students in the batch (`active`, in this order). A stopped student trains with
+    # learning rate 0 until the next read-back removes it from the batch.
     active = np.arange(n)
     cur = ens.select(active)
-    # Loss, gradients and Adam of the active students, validated once (ops.FusedTrainStep);
-    # rebuilt with the kept optimiser state whenever students stop.
+    state = _Schedules(n, cfg, var_y, dev, backend or ("numpy" if dev.type == "cpu" else "torch"))
+    pending: list = []  # (epoch, relative MSEs) history entries not read back yet
+    # Loss, gradients and Adam of the batch, validated once (ops.FusedTrainStep); rebuilt with
+    # the kept optimiser state whenever students leave.
     fstep = ops.FusedTrainStep(
-        cur.weights, cur.biases, activation, torch.zeros(n, dtype=dtype, device=device)
+        cur.weights, cur.biases, activation, torch.zeros(n, dtype=dtype, device=dev)
     )
 
     bar = tqdm(
         total=cfg.max_epochs, desc=desc, disable=not cfg.progress, leave=False, dynamic_ncols=True
     )
-    last_post = 0.0
-    epoch = 0
     for epoch in range(1, cfg.max_epochs + 1):
-        fstep.lr.copy_(torch.as_tensor(sched.lr[active], dtype=dtype))
+        fstep.lr.copy_(torch.as_tensor(state.step_lr()))
         if batch == n_queries:
-            epoch_loss = fstep(xs, ys).to(torch.float64).cpu().numpy()
+            epoch_loss = fstep(xs, ys).to(torch.float64)
         else:
-            perm = torch.randperm(n_queries, generator=gen).to(device)
-            acc = torch.zeros(len(active), dtype=torch.float64, device=device)
+            perm = torch.randperm(n_queries, generator=gen).to(dev)
+            acc = torch.zeros(len(active), dtype=torch.float64, device=dev)
             for s in range(0, n_queries, batch):
                 idx = perm[s : s + batch]
                 loss = fstep(xs.index_select(0, idx), ys.index_select(0, idx))
                 acc += loss.to(torch.float64) * idx.shape[0]
-            epoch_loss = (acc / n_queries).cpu().numpy()
-        if not np.isfinite(epoch_loss).all():
-            bad = active[~np.isfinite(epoch_loss)]
-            raise FloatingPointError(
-                f"students {bad.tolist()} diverged (loss NaN/Inf) at epoch {epoch}; lower the "
-                "learning rate (--lr) or use float64"
-            )
-        rel[active] = epoch_loss / var_y
-        epochs[active] = epoch
-        sched.update(active, epoch_loss)
-        stop = np.zeros(len(active), dtype=bool)
-        hit = rel[active] <= cfg.target_relative_mse
-        low = sched.lr[active] < cfg.min_lr
-        for j in np.flatnonzero(hit | low):
-            reason[active[j]] = "target" if hit[j] else "min_lr"
-            stop[j] = True
+            epoch_loss = acc / n_queries
+        state.update(epoch, epoch_loss.numpy() if state.xp is np else epoch_loss)
         if epoch % hist_every == 0 or epoch == 1:
-            history["epoch"].append(epoch)
-            history["relative_mse"].append(rel.tolist())
-        now = time.perf_counter()
-        if cfg.progress and (now - last_post > 0.5):
-            bar.set_postfix_str(
-                f"active {len(active)}/{n} best {rel.min():.2e} median {np.median(rel):.2e} "
-                f"lr {np.median(sched.lr[active]):.1e}"
-            )
-            last_post = now
+            pending.append((epoch, state.rel))
         bar.update(1)
-        if stop.any():
+        if epoch % sync_every and epoch != cfg.max_epochs:
+            continue
+        # Read-back.
+        host, hist = state.to_host([r for _, r in pending])
+        if (host["diverged"] > 0).any():
+            j = np.flatnonzero(host["diverged"] > 0)
+            raise FloatingPointError(
+                f"students {active[j].tolist()} diverged (loss NaN/Inf) at epoch "
+                f"{int(host['diverged'][j].min())}; lower the learning rate (--lr) or use float64"
+            )
+        rel[active] = host["rel"]
+        epochs[active] = host["epochs"]
+        final_lr[active] = host["lr"]
+        for j in np.flatnonzero(host["code"] > 0):
+            reason[active[j]] = "target" if host["code"][j] == 1 else "min_lr"
+        for (e, _), r in zip(pending, hist):
+            row = rel.copy()
+            row[active] = r
+            history["epoch"].append(e)
+            history["relative_mse"].append(row.tolist())
+        pending = []
+        live = host["live"]
+        if cfg.progress:
+            bar.set_postfix_str(
+                f"active {int(live.sum())}/{n} best {rel.min():.2e} median {np.median(rel):.2e} "
+                f"lr {np.median(host['lr'][live]) if live.any() else 0.0:.1e}"
+            )
+        if not live.all():
             _write_back(ens, cur, active)
-            done[active[stop]] = True
-            keep = ~stop
-            if not keep.any():
+            done[active[~live]] = True
+            if not live.any():
                 break
+            keep = np.flatnonzero(live)
             active = active[keep]
-            kidx = torch.as_tensor(np.flatnonzero(keep), device=device)
+            kidx = torch.as_tensor(keep, device=dev)
             cur = cur.select(kidx)
             fstep = ops.FusedTrainStep(
                 cur.weights,
@@ -310,16 +394,18 @@ def _train_students(
                 exp_avg_sq=[t.index_select(0, kidx).contiguous() for t in fstep.exp_avg_sq],
                 step=fstep.step.index_select(0, kidx).contiguous(),
             )
+            state.select(keep)
     bar.close()
     if not done.all():
         _write_back(ens, cur, active)
-    if history["epoch"] and history["epoch"][-1] != epoch:
-        history["epoch"].append(epoch)
+    last = int(epochs.max())
+    if history["epoch"] and history["epoch"][-1] != last:
+        history["epoch"].append(last)
         history["relative_mse"].append(rel.tolist())
     if cfg.polish_iterations > 0:
         ens = ens.to(dtype=torch.float64)
         rel = lbfgs_polish(ens, x, y, cfg.polish_iterations, progress=cfg.progress) / var_y
-    return TrainResult(ens, rel, epochs, reason, sched.lr.copy(), history, time.perf_counter() - t0)
+    return TrainResult(ens, rel, epochs, reason, final_lr, history, time.perf_counter() - t0)
 
 
 def _write_back(ens: StudentEnsemble, cur: StudentEnsemble, active: np.ndarray) -> None:
