@@ -510,10 +510,10 @@ def _lbfgs_polish(
             q = q + (a - b)[:, None] * s_i
         d = q
         gd = (g * d).sum(1)
-        not_descent = gd >= 0
-        if not_descent.any():  # reset those students to steepest descent
-            d[not_descent] = -g[not_descent]
-            gd = (g * d).sum(1)
+        # Students whose direction is not a descent direction restart from steepest descent
+        # (elementwise, no host synchronisation).
+        d = torch.where((gd >= 0)[:, None], -g, d)
+        gd = (g * d).sum(1)
         # First step of a student: scale to unit length, as torch.optim.LBFGS does.
         t_eff = torch.where(first, torch.minimum(t, 1.0 / g.abs().sum(1).clamp_min(1e-300)), t)
         p_new = p + t_eff[:, None] * d
@@ -536,11 +536,9 @@ def _lbfgs_polish(
         t = torch.where(ok, torch.ones_like(t), t * 0.5)
         # A student whose step vanished restarts from steepest descent.
         stuck = t < 1e-12
-        if stuck.any():
-            t = torch.where(stuck, torch.ones_like(t), t)
-            first = first | stuck
-            for k in range(len(valid)):
-                valid[k] = valid[k] & ~stuck
+        t = torch.where(stuck, torch.ones_like(t), t)
+        first = first | stuck
+        valid = [v & ~stuck for v in valid]
         bar.update(1)
     bar.close()
     _unflat_into(p, params)
