@@ -340,9 +340,44 @@ def main(path="bench_gpu.json", *_):
         f"{'cosine M=20000 D=785':32s} {t_ours:8.3f}   torch f64 matmul {t_mm:8.3f}   "
         f"ratio {t_ours / t_mm:.2f}   (f32 matmul {t_mm32:.3f}; ours v1 {t_ours_v1:.3f})"
     )
+    try:
+        results["train-loop-toy-10-80-1-N20-B10000"] = loop = _train_loop()
+        print(
+            "training loop (train_students, full batch, ms per epoch): losses read back every "
+            f"epoch {loop['sync_every_1']:.4f}, every 16 epochs {loop['sync_every_16']:.4f} "
+            f"(ratio {loop['sync_every_1'] / loop['sync_every_16']:.2f})"
+        )
+    except Exception as e:  # a failed extra row must not lose the table
+        print(f"training loop: failed: {e!r}")
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
     print(json.dumps(results))
+
+
+def _train_loop(size="toy-10-80-1-N20-B10000", epochs=300):
+    """Wall time per epoch of the whole training loop (train_students: fused step, Adam, the
+    per-student schedule kernel, read-backs), reading the losses back every epoch against every
+    16 epochs. No student stops (target 0, min_lr 0), so both runs do the same steps."""
+    import time
+
+    from expand_and_cluster.training import TrainConfig, train_students
+
+    d_in, width, d_out, n, b = SIZES[size]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, d_in, generator=g)
+    y = torch.tanh(x @ torch.randn(d_in, 4, generator=g)) @ torch.randn(4, d_out, generator=g)
+    out = {}
+    for k in (1, 16, 1, 16):  # each twice, the first as warm-up
+        cfg = TrainConfig(
+            n_students=n, max_epochs=epochs, target_relative_mse=0.0, min_lr=0.0,
+            progress=False, sync_every=k,
+        )  # fmt: skip
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        train_students(x, y, [width], "tanh", cfg, "cuda")
+        torch.cuda.synchronize()
+        out[f"sync_every_{k}"] = (time.perf_counter() - t0) / epochs * 1e3
+    return out
 
 
 def compile_only(sizes=("digits-64-64-10-N20-B512", "toy-10-80-1-N20-B10000")):

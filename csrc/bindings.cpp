@@ -218,6 +218,49 @@ void cosine_distances(int64_t v, int64_t m, int64_t d, int dtype, bool absolute,
                             static_cast<double*>(const_cast<void*>(as_ptr(out, "out"))));
 }
 
+// state: the pointers of lr, best, bad, cool, live, rel, epochs, code, diverged (ops.h's order).
+void plateau_step(int64_t n_students, int64_t epoch, int64_t loss,
+                  const std::vector<int64_t>& state, int64_t step_lr, int step_dtype,
+                  double var_y, int64_t patience, int64_t cooldown, double factor, double target,
+                  double min_lr, int device, int64_t stream) {
+  const bool cuda = on_cuda(device, "plateau_step");
+  if (n_students < 1) throw std::invalid_argument("plateau_step: n_students must be >= 1");
+  if (state.size() != 9)
+    throw std::invalid_argument("plateau_step: state must hold 9 pointers, got " +
+                                std::to_string(state.size()));
+  auto mut = [](int64_t ptr, const char* name) { return const_cast<void*>(as_ptr(ptr, name)); };
+  eac::PlateauParams p;
+  p.n_students = static_cast<int>(n_students);
+  p.epoch = epoch;
+  p.var_y = var_y;
+  p.factor = factor;
+  p.target = target;
+  p.min_lr = min_lr;
+  p.patience = patience;
+  p.cooldown = cooldown;
+  p.loss = static_cast<const double*>(as_ptr(loss, "loss"));
+  p.lr = static_cast<double*>(mut(state[0], "lr"));
+  p.best = static_cast<double*>(mut(state[1], "best"));
+  p.bad = static_cast<int64_t*>(mut(state[2], "bad"));
+  p.cool = static_cast<int64_t*>(mut(state[3], "cool"));
+  p.live = static_cast<uint8_t*>(mut(state[4], "live"));
+  p.rel = static_cast<double*>(mut(state[5], "rel"));
+  p.epochs = static_cast<int64_t*>(mut(state[6], "epochs"));
+  p.code = static_cast<int64_t*>(mut(state[7], "code"));
+  p.diverged = static_cast<int64_t*>(mut(state[8], "diverged"));
+  p.step_lr = mut(step_lr, "step_lr");
+  p.step_dtype = to_dtype(step_dtype);
+  p.device = device;
+#ifdef EAC_WITH_CUDA
+  if (cuda) {
+    eac::plateau_step_cuda(p, as_stream(stream));
+    return;
+  }
+#endif
+  (void)cuda, (void)stream;
+  eac::plateau_step_cpu(p);
+}
+
 void average_linkage(int64_t dist, int64_t m, int64_t z) {
   if (m < 2) throw std::invalid_argument("average_linkage: need at least 2 observations");
   eac::average_linkage_cpu(static_cast<double*>(const_cast<void*>(as_ptr(dist, "dist"))), m,
@@ -284,6 +327,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("cosine_distances", &cosine_distances, nogil, py::arg("v"), py::arg("m"), py::arg("d"),
         py::arg("dtype"), py::arg("absolute"), py::arg("out"), py::arg("device"),
         py::arg("stream") = 0, py::arg("workspace") = 0);
+  m.def("plateau_step", &plateau_step, nogil, py::arg("n_students"), py::arg("epoch"),
+        py::arg("loss"), py::arg("state"), py::arg("step_lr"), py::arg("step_dtype"),
+        py::arg("var_y"), py::arg("patience"), py::arg("cooldown"), py::arg("factor"),
+        py::arg("target"), py::arg("min_lr"), py::arg("device"), py::arg("stream") = 0);
   m.def("average_linkage", &average_linkage, nogil);
   m.def("backends", &backends);
   m.def("num_threads", &num_threads);

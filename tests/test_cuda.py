@@ -214,6 +214,27 @@ def test_training_on_cuda_follows_the_cpu():
 
 
 @gpu
+@pytest.mark.parametrize("step_dtype", [torch.float32, torch.float64])
+def test_plateau_step_cuda_matches_cpu(step_dtype):
+    # Same random epochs (NaN/Inf losses, both stop rules) on both devices: bit-identical state.
+    g = torch.Generator().manual_seed(0)
+    n = 300  # more than one block
+    states = {d: ops.PlateauState(n, 0.1, d) for d in ("cpu", "cuda")}
+    lrs = {d: torch.full((n,), 0.1, dtype=step_dtype, device=d) for d in ("cpu", "cuda")}
+    rule = dict(var_y=0.5, patience=2, cooldown=1, factor=0.5, target=1e-3, min_lr=1e-3)
+    for e in range(1, 41):
+        loss = torch.rand(n, generator=g, dtype=torch.float64) * 0.01 ** (e / 40)
+        loss[torch.rand(n, generator=g) < 0.02] = float("nan")
+        for d in ("cpu", "cuda"):
+            ops.plateau_step(states[d], loss.to(d), e, lrs[d], **rule)
+    for f in ops.PlateauState.FIELDS:
+        a, b = getattr(states["cuda"], f).cpu(), getattr(states["cpu"], f)
+        assert torch.equal(a, b) or torch.allclose(a, b, rtol=0, atol=0, equal_nan=True), f
+    assert torch.equal(lrs["cuda"].cpu(), lrs["cpu"])
+    assert set(states["cpu"].code.tolist()) == {0, 1, 2}
+
+
+@gpu
 def test_training_on_cuda_reads_back_every_k_epochs_without_changing_the_result():
     # The schedules run on the GPU (torch backend); reading the losses back every 16 epochs (the
     # GPU default) gives the bit-identical students of reading back every epoch.

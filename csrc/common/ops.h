@@ -78,6 +78,35 @@ void adam_step_cpu(const AdamParams& p);
 // CUDA: lr and step are device arrays [N]; one elementwise launch per tensor on `stream`.
 void adam_step_cuda(const AdamParams& p, void* stream);
 
+// One epoch of the training schedule of N students, in place (csrc/common/plateau.h has the
+// rule). State arrays [N]: lr, best, rel (float64), bad, cool, epochs, code (1 stopped on the
+// target, 2 on min_lr), diverged (first epoch with a non-finite loss, 0 none) (int64), live
+// (uint8: 1 still training). loss [N] float64: the epoch's loss of every student (ignored where
+// not live). step_lr [N] (float32 or float64, the parameters' dtype): written with the learning
+// rate of the next Adam steps, 0 for a student that stopped (its weights then stay frozen).
+struct PlateauParams {
+  int n_students = 0;
+  int64_t epoch = 0;
+  double var_y = 1.0, factor = 0.0, target = 0.0, min_lr = 0.0;
+  int64_t patience = 0, cooldown = 0;
+  const double* loss = nullptr;
+  double* lr = nullptr;
+  double* best = nullptr;
+  int64_t* bad = nullptr;
+  int64_t* cool = nullptr;
+  uint8_t* live = nullptr;
+  double* rel = nullptr;
+  int64_t* epochs = nullptr;
+  int64_t* code = nullptr;
+  int64_t* diverged = nullptr;
+  void* step_lr = nullptr;
+  DType step_dtype = DType::F32;
+  int device = -1;  // CUDA only
+};
+void plateau_step_cpu(const PlateauParams& p);
+// CUDA: every array on p.device; one launch on `stream`.
+void plateau_step_cuda(const PlateauParams& p, void* stream);
+
 // Cosine distances between the rows of v [M, D] (float32 or float64), written as float64 [M, M]:
 // 1 - cos, or 1 - |cos| when absolute. A zero row has distance 1 to everything (0 to itself).
 void cosine_distances_cpu(const void* v, int64_t m, int64_t d, DType dtype, bool absolute,

@@ -53,6 +53,9 @@ __all__ = [
     "mlp_mse_grad",
     "mlp_mse_grad_reference",
     "num_threads",
+    "PlateauState",
+    "plateau_step",
+    "plateau_step_reference",
     "set_cuda_kernel_version",
     "set_num_threads",
     "uses_torch_path",
@@ -757,6 +760,195 @@ def adam_step_reference(
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         denom = v.sqrt() / bc2.sqrt().view(shape) + eps
         p.sub_((lr / bc1).view(shape) * m / denom)
+
+
+# ----------------------------------------------------------------------------------------------
+# the per-student training schedule (Sec. 3 step "Expand", App. training details)
+
+
+class PlateauState:
+    """State of N students' training schedules on one device, updated by :func:`plateau_step`.
+
+    Attributes (each ``[N]``, contiguous, on ``device``)
+    ----------------------------------------------------
+    lr : float64 learning rate; best : float64 best epoch loss so far (inf at the start);
+    bad, cool : int64 epochs without progress and cooldown epochs left (ReduceLROnPlateau's
+    ``num_bad_epochs`` and ``cooldown_counter``); live : bool, still training; rel : float64 last
+    relative MSE (loss / var_y; inf before the first epoch); epochs : int64 epochs trained;
+    code : int64 why a student stopped (0 not stopped, 1 loss target, 2 lr below min_lr);
+    diverged : int64 first epoch with a non-finite loss (0: none).
+    """
+
+    FIELDS = ("lr", "best", "bad", "cool", "live", "rel", "epochs", "code", "diverged")
+    _DTYPES = {
+        "lr": torch.float64,
+        "best": torch.float64,
+        "bad": torch.int64,
+        "cool": torch.int64,
+        "live": torch.bool,
+        "rel": torch.float64,
+        "epochs": torch.int64,
+        "code": torch.int64,
+        "diverged": torch.int64,
+    }
+
+    def __init__(self, n: int, lr: float, device: str | torch.device = "cpu"):
+        if n < 1 or not lr > 0:
+            raise ValueError(f"PlateauState: expected n >= 1 and lr > 0, got n={n}, lr={lr}")
+        self.device = torch.device(device)
+        start = {"lr": float(lr), "best": float("inf"), "live": True, "rel": float("inf")}
+        for f in self.FIELDS:
+            t = torch.full((n,), start.get(f, 0), dtype=self._DTYPES[f], device=self.device)
+            setattr(self, f, t)
+        self._ptrs = [getattr(self, f).data_ptr() for f in self.FIELDS]
+
+    @property
+    def n_students(self) -> int:
+        return int(self.lr.shape[0])
+
+    def select(self, idx: torch.Tensor) -> None:
+        """Keep the students at positions ``idx`` (int64 ``[K]``, K >= 1), in that order."""
+        for f in self.FIELDS:
+            setattr(self, f, getattr(self, f).index_select(0, idx).contiguous())
+        self._ptrs = [getattr(self, f).data_ptr() for f in self.FIELDS]
+
+    def to_numpy(self, extra: Sequence[torch.Tensor] = ()) -> tuple[dict, list[np.ndarray]]:
+        """The state as numpy arrays ({field: array}), and ``extra`` float64 tensors of the same
+        device, in one device-to-host transfer."""
+        arrays = [getattr(self, f).to(torch.float64) for f in self.FIELDS] + list(extra)
+        host = torch.stack(arrays).cpu().numpy()
+        out = {f: host[i].astype(np.dtype(str(self._DTYPES[f]).split(".")[1]))
+               for i, f in enumerate(self.FIELDS)}  # fmt: skip
+        return out, list(host[len(self.FIELDS) :])
+
+
+def _check_plateau_args(state, loss, step_lr, patience, cooldown, factor):
+    if not isinstance(state, PlateauState):
+        raise TypeError(f"state: expected a PlateauState, got {type(state).__name__}")
+    n = state.n_students
+    for name, t, dtypes in (
+        ("loss", loss, (torch.float64,)),
+        ("step_lr", step_lr, (torch.float32, torch.float64)),
+    ):
+        if not isinstance(t, torch.Tensor) or t.dtype not in dtypes:
+            raise TypeError(
+                f"{name}: expected a tensor of dtype {' or '.join(map(str, dtypes))}, got "
+                f"{getattr(t, 'dtype', type(t).__name__)}"
+            )
+        if tuple(t.shape) != (n,) or t.device != state.device or not t.is_contiguous():
+            raise ValueError(
+                f"{name}: expected a contiguous [{n}] tensor on {state.device}, got "
+                f"{tuple(t.shape)} on {t.device}"
+            )
+    if patience < 0 or cooldown < 0 or not 0 < factor < 1:
+        raise ValueError(
+            f"patience, cooldown, factor: expected >= 0, >= 0 and in (0, 1), got {patience}, "
+            f"{cooldown}, {factor}"
+        )
+
+
+def plateau_step(
+    state: PlateauState,
+    loss: torch.Tensor,
+    epoch: int,
+    step_lr: torch.Tensor,
+    *,
+    var_y: float,
+    patience: int,
+    cooldown: int,
+    factor: float,
+    target: float,
+    min_lr: float,
+) -> None:
+    """One epoch of N students' training schedules, in place, in one kernel launch (no host
+    synchronisation on a GPU).
+
+    For every live student n: records a non-finite ``loss[n]`` in ``diverged`` (first epoch),
+    sets ``rel = loss / var_y`` and ``epochs = epoch``; applies torch's ReduceLROnPlateau rule
+    (mode min, threshold 0: a loss below ``best`` is progress; a cooldown epoch counts as
+    progress; more than ``patience`` epochs without progress multiply lr by ``factor`` and
+    restart the ``cooldown``); then stops the student (``live`` false; ``code`` 1) when
+    ``rel <= target``, or (``code`` 2) when ``lr < min_lr``. Students that are not live are left
+    unchanged. Finally ``step_lr[n]`` = lr for live students, 0 for those that stopped this epoch
+    (Adam with lr 0 leaves their weights exactly as they are).
+
+    Source: Martinelli et al. 2024, App. (training details: lr x 1/sqrt(10) on a plateau, stop
+    at a loss target or lr < 1e-7), with one schedule per student (expand_and_cluster.training).
+
+    Parameters
+    ----------
+    state : :class:`PlateauState` of N students.
+    loss : ``[N]`` float64, the epoch's mean loss per student, on the state's device.
+    epoch : the epoch number (>= 1).
+    step_lr : ``[N]`` float32 or float64 (the parameters' dtype), written.
+    var_y : relative-MSE denominator (> 0); patience, cooldown : epochs (>= 0);
+    factor : in (0, 1); target : relative MSE to stop at; min_lr : stop below this lr.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On a wrong state type, dtype, shape or device, or an out-of-range setting.
+    """
+    _check_plateau_args(state, loss, step_lr, patience, cooldown, factor)
+    if not var_y > 0:
+        raise ValueError(f"var_y: expected > 0, got {var_y}")
+    _lib().plateau_step(
+        state.n_students,
+        int(epoch),
+        loss.data_ptr(),
+        state._ptrs,
+        step_lr.data_ptr(),
+        _DTYPE_CODES[step_lr.dtype],
+        float(var_y),
+        int(patience),
+        int(cooldown),
+        float(factor),
+        float(target),
+        float(min_lr),
+        _device_code(loss),
+        _stream(loss),
+    )
+
+
+def plateau_step_reference(
+    state: PlateauState,
+    loss: torch.Tensor,
+    epoch: int,
+    step_lr: torch.Tensor,
+    *,
+    var_y: float,
+    patience: int,
+    cooldown: int,
+    factor: float,
+    target: float,
+    min_lr: float,
+) -> None:
+    """Pure-torch twin of :func:`plateau_step` (elementwise ops, same order, in place)."""
+    _check_plateau_args(state, loss, step_lr, patience, cooldown, factor)
+    s, live = state, state.live
+    s.diverged.copy_(
+        torch.where(live & ~torch.isfinite(loss) & (s.diverged == 0), epoch, s.diverged)
+    )
+    s.rel.copy_(torch.where(live, loss / var_y, s.rel))
+    s.epochs.copy_(torch.where(live, epoch, s.epochs))
+    better = loss < s.best
+    best = torch.where(better, loss, s.best)
+    bad = torch.where(better, 0, s.bad + 1)
+    cooling = s.cool > 0
+    cool = torch.where(cooling, s.cool - 1, 0)
+    bad = torch.where(cooling, 0, bad)
+    reduce = bad > patience
+    lr = torch.where(reduce, s.lr * factor, s.lr)
+    cool = torch.where(reduce, cooldown, cool)
+    bad = torch.where(reduce, 0, bad)
+    for f, new in (("best", best), ("bad", bad), ("cool", cool), ("lr", lr)):
+        getattr(s, f).copy_(torch.where(live, new, getattr(s, f)))
+    hit = live & (s.rel <= target)
+    low = live & (s.lr < min_lr)
+    s.code.copy_(torch.where(hit, 1, torch.where(low, 2, s.code)))
+    stopped = hit | low
+    step_lr.copy_(torch.where(live, torch.where(stopped, 0.0, s.lr), step_lr))
+    live &= ~stopped
 
 
 # ----------------------------------------------------------------------------------------------

@@ -144,93 +144,6 @@ def _validate_xy(x: torch.Tensor, y: torch.Tensor) -> None:
         raise ValueError("x, y: contain NaN or Inf")
 
 
-class _Schedules:
-    """Per-student training state: plateau schedule, stop rules, last relative MSE.
-
-    The schedule is torch.optim.lr_scheduler.ReduceLROnPlateau (mode min, threshold 0), one per
-    student. Elementwise ops only, on numpy arrays for students on the CPU (cheapest there) and on
-    tensors of the students' device otherwise (no host synchronisation); float64 values either
-    way, so both give the same numbers. ``live``: not stopped yet; ``code``: 1 stopped on the
-    target, 2 on min_lr; ``diverged``: first epoch with a non-finite loss (0: none).
-    """
-
-    def __init__(self, n: int, cfg: TrainConfig, var_y: float, device, backend: str):
-        self.cfg, self.var_y = cfg, var_y
-        self.xp = np if backend == "numpy" else torch
-        if self.xp is np:
-
-            def full(v, dtype):
-                return np.full(n, v, dtype=dtype)
-
-            i64, f64, bool_ = np.int64, np.float64, np.bool_
-        else:
-
-            def full(v, dtype):
-                return torch.full((n,), v, dtype=dtype, device=device)
-
-            i64, f64, bool_ = torch.int64, torch.float64, torch.bool
-        self.lr = full(float(cfg.lr), f64)
-        self.best = full(math.inf, f64)
-        self.bad = full(0, i64)
-        self.cool = full(0, i64)
-        self.live = full(True, bool_)
-        self.rel = full(math.inf, f64)
-        self.epochs = full(0, i64)
-        self.code = full(0, i64)
-        self.diverged = full(0, i64)
-
-    def step_lr(self):
-        """``[n]`` learning rates of the next epoch: 0 for stopped students (weights frozen)."""
-        return self.xp.where(self.live, self.lr, 0.0)
-
-    def update(self, epoch: int, loss) -> None:
-        """Record one epoch's loss ``[n]`` (float64 array of the backend) of the live students."""
-        xp, cfg, live = self.xp, self.cfg, self.live
-        bad = live & ~xp.isfinite(loss)
-        self.diverged = xp.where(bad & (self.diverged == 0), epoch, self.diverged)
-        self.rel = xp.where(live, loss / self.var_y, self.rel)
-        self.epochs = xp.where(live, epoch, self.epochs)
-        # ReduceLROnPlateau: better (threshold 0), cooldown, patience, factor.
-        better = loss < self.best
-        best = xp.where(better, loss, self.best)
-        n_bad = xp.where(better, 0, self.bad + 1)
-        cooling = self.cool > 0
-        cool = xp.where(cooling, self.cool - 1, 0)
-        n_bad = xp.where(cooling, 0, n_bad)
-        reduce = n_bad > cfg.patience
-        lr = xp.where(reduce, self.lr * cfg.factor, self.lr)
-        cool = xp.where(reduce, cfg.cooldown, cool)
-        n_bad = xp.where(reduce, 0, n_bad)
-        self.best = xp.where(live, best, self.best)
-        self.bad = xp.where(live, n_bad, self.bad)
-        self.cool = xp.where(live, cool, self.cool)
-        self.lr = xp.where(live, lr, self.lr)
-        # Stop rules.
-        hit = live & (self.rel <= cfg.target_relative_mse)
-        low = live & (self.lr < cfg.min_lr)
-        self.code = xp.where(hit, 1, xp.where(low, 2, self.code))
-        self.live = live & ~(hit | low)
-
-    _FIELDS = ("lr", "best", "bad", "cool", "live", "rel", "epochs", "code", "diverged")
-
-    def select(self, keep: np.ndarray) -> None:
-        """Keep the students at positions ``keep`` (int array)."""
-        if self.xp is not np:
-            keep = torch.as_tensor(keep, device=self.lr.device)
-        for name in self._FIELDS:
-            setattr(self, name, getattr(self, name)[keep])
-
-    def to_host(self, extra=()) -> tuple[dict, list[np.ndarray]]:
-        """The state as numpy arrays, and ``extra`` arrays of the backend (one transfer)."""
-        arrays = [getattr(self, f) for f in self._FIELDS] + list(extra)
-        if self.xp is not np:
-            stacked = torch.stack([a.to(torch.float64) for a in arrays]).cpu().numpy()
-            arrays = list(stacked)
-        state = {f: np.asarray(a) for f, a in zip(self._FIELDS, arrays)}
-        state["live"] = state["live"] != 0
-        return state, arrays[len(self._FIELDS) :]
-
-
 def train_students(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -283,11 +196,8 @@ def _train_students(
     device: str | torch.device = "cpu",
     students: StudentEnsemble | None = None,
     desc: str = "students",
-    backend: str | None = None,
 ) -> TrainResult:
-    """Implementation of :func:`train_students` (torch thread count already set). ``backend``
-    ("numpy" or "torch"): where the per-student schedules run (default: numpy for students on the
-    CPU, torch on their device otherwise); tests run both on the CPU."""
+    """Implementation of :func:`train_students` (torch thread count already set)."""
     get_activation(activation)
     _validate_xy(x, y)
     cfg = config
@@ -318,23 +228,30 @@ def _train_students(
     hist_every = max(1, cfg.max_epochs // 400)
     history: dict = {"epoch": [], "relative_mse": []}
 
-    # State of the students in the batch (`active`, in this order). A stopped student trains with
-    # learning rate 0 until the next read-back removes it from the batch.
+    # State of the students in the batch (`active`, in this order), on their device. A stopped
+    # student trains with learning rate 0 (frozen) until the next read-back removes it.
     active = np.arange(n)
     cur = ens.select(active)
-    state = _Schedules(n, cfg, var_y, dev, backend or ("numpy" if dev.type == "cpu" else "torch"))
+    state = ops.PlateauState(n, cfg.lr, dev)
+    rule = dict(
+        var_y=var_y,
+        patience=cfg.patience,
+        cooldown=cfg.cooldown,
+        factor=cfg.factor,
+        target=cfg.target_relative_mse,
+        min_lr=cfg.min_lr,
+    )
     pending: list = []  # (epoch, relative MSEs) history entries not read back yet
     # Loss, gradients and Adam of the batch, validated once (ops.FusedTrainStep); rebuilt with
-    # the kept optimiser state whenever students leave.
+    # the kept optimiser state whenever students leave. Its lr is written by ops.plateau_step.
     fstep = ops.FusedTrainStep(
-        cur.weights, cur.biases, activation, torch.zeros(n, dtype=dtype, device=dev)
+        cur.weights, cur.biases, activation, torch.full((n,), cfg.lr, dtype=dtype, device=dev)
     )
 
     bar = tqdm(
         total=cfg.max_epochs, desc=desc, disable=not cfg.progress, leave=False, dynamic_ncols=True
     )
     for epoch in range(1, cfg.max_epochs + 1):
-        fstep.lr.copy_(torch.as_tensor(state.step_lr()))
         if batch == n_queries:
             epoch_loss = fstep(xs, ys).to(torch.float64)
         else:
@@ -345,14 +262,14 @@ def _train_students(
                 loss = fstep(xs.index_select(0, idx), ys.index_select(0, idx))
                 acc += loss.to(torch.float64) * idx.shape[0]
             epoch_loss = acc / n_queries
-        state.update(epoch, epoch_loss.numpy() if state.xp is np else epoch_loss)
+        ops.plateau_step(state, epoch_loss.contiguous(), epoch, fstep.lr, **rule)
         if epoch % hist_every == 0 or epoch == 1:
-            pending.append((epoch, state.rel))
+            pending.append((epoch, state.rel.clone()))
         bar.update(1)
         if epoch % sync_every and epoch != cfg.max_epochs:
             continue
-        # Read-back.
-        host, hist = state.to_host([r for _, r in pending])
+        # Read-back: one device-to-host transfer.
+        host, hist = state.to_numpy([r for _, r in pending])
         if (host["diverged"] > 0).any():
             j = np.flatnonzero(host["diverged"] > 0)
             raise FloatingPointError(
@@ -394,7 +311,7 @@ def _train_students(
                 exp_avg_sq=[t.index_select(0, kidx).contiguous() for t in fstep.exp_avg_sq],
                 step=fstep.step.index_select(0, kidx).contiguous(),
             )
-            state.select(keep)
+            state.select(kidx)
     bar.close()
     if not done.all():
         _write_back(ens, cur, active)
