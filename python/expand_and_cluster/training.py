@@ -251,6 +251,7 @@ def _train_students(
     bar = tqdm(
         total=cfg.max_epochs, desc=desc, disable=not cfg.progress, leave=False, dynamic_ncols=True
     )
+    last_post = 0.0
     for epoch in range(1, cfg.max_epochs + 1):
         if batch == n_queries:
             epoch_loss = fstep(xs, ys).to(torch.float64)
@@ -288,7 +289,8 @@ def _train_students(
             history["relative_mse"].append(row.tolist())
         pending = []
         live = host["live"]
-        if cfg.progress:
+        if cfg.progress and time.perf_counter() - last_post > 0.5:
+            last_post = time.perf_counter()
             bar.set_postfix_str(
                 f"active {int(live.sum())}/{n} best {rel.min():.2e} median {np.median(rel):.2e} "
                 f"lr {np.median(host['lr'][live]) if live.any() else 0.0:.1e}"
