@@ -125,6 +125,10 @@ for version, dtype in [(v, t) for v in (1, 2, 3) for t in (torch.float32, torch.
     v = [torch.zeros_like(p) for p in params]
     ops.adam_step(params, gw + gb, m, v, 1, torch.full((3,), 1e-3, device=dev, dtype=dtype))
     ops.cosine_distances(torch.randn(45, 13, generator=g).to(dev, dtype), absolute=True)
+    state = ops.PlateauState(300, 1e-3, dev)
+    loss = torch.rand(300, dtype=torch.float64).to(dev)
+    ops.plateau_step(state, loss, 1, torch.zeros(300, device=dev, dtype=dtype), var_y=1.0,
+                     patience=0, cooldown=0, factor=0.5, target=0.5, min_lr=1e-7)
 torch.cuda.synchronize()
 print("one call each: done")
 PY
