@@ -256,7 +256,11 @@ def _train_students(
         if batch == n_queries:
             epoch_loss = fstep(xs, ys).to(torch.float64)
         else:
-            perm = torch.randperm(n_queries, generator=gen).to(dev)
+            perm = torch.randperm(n_queries, generator=gen)
+            if dev.type == "cuda":
+                # A copy from pageable memory would wait for the stream (a sync per epoch);
+                # from pinned memory it is queued like a kernel.
+                perm = perm.pin_memory().to(dev, non_blocking=True)
             acc = torch.zeros(len(active), dtype=torch.float64, device=dev)
             for s in range(0, n_queries, batch):
                 idx = perm[s : s + batch]
