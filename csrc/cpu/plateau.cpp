@@ -2,14 +2,20 @@
 #include "common/plateau.h"
 
 namespace eac {
+namespace {
+
+template <typename T>
+void plateau_impl(const PlateauParams& p) {
+  for (int n = 0; n < p.n_students; ++n) plateau_student<T>(p, n);
+}
+
+}  // namespace
 
 void plateau_step_cpu(const PlateauParams& p) {
-  for (int n = 0; n < p.n_students; ++n) {
-    if (p.step_dtype == DType::F64)
-      plateau_student<double>(p, n);
-    else
-      plateau_student<float>(p, n);
-  }
+  if (p.step_dtype == DType::F64)
+    plateau_impl<double>(p);
+  else
+    plateau_impl<float>(p);
 }
 
 }  // namespace eac

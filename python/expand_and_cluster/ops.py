@@ -817,12 +817,12 @@ class PlateauState:
         device, in one device-to-host transfer."""
         arrays = [getattr(self, f).to(torch.float64) for f in self.FIELDS] + list(extra)
         host = torch.stack(arrays).cpu().numpy()
-        out = {f: host[i].astype(np.dtype(str(self._DTYPES[f]).split(".")[1]))
-               for i, f in enumerate(self.FIELDS)}  # fmt: skip
+        np_dtypes = {torch.float64: np.float64, torch.int64: np.int64, torch.bool: np.bool_}
+        out = {f: host[i].astype(np_dtypes[self._DTYPES[f]]) for i, f in enumerate(self.FIELDS)}
         return out, list(host[len(self.FIELDS) :])
 
 
-def _check_plateau_args(state, loss, step_lr, patience, cooldown, factor):
+def _check_plateau_args(state, loss, step_lr, var_y, patience, cooldown, factor):
     if not isinstance(state, PlateauState):
         raise TypeError(f"state: expected a PlateauState, got {type(state).__name__}")
     n = state.n_students
@@ -840,6 +840,8 @@ def _check_plateau_args(state, loss, step_lr, patience, cooldown, factor):
                 f"{name}: expected a contiguous [{n}] tensor on {state.device}, got "
                 f"{tuple(t.shape)} on {t.device}"
             )
+    if not var_y > 0:
+        raise ValueError(f"var_y: expected > 0, got {var_y}")
     if patience < 0 or cooldown < 0 or not 0 < factor < 1:
         raise ValueError(
             f"patience, cooldown, factor: expected >= 0, >= 0 and in (0, 1), got {patience}, "
@@ -889,9 +891,7 @@ def plateau_step(
     TypeError, ValueError
         On a wrong state type, dtype, shape or device, or an out-of-range setting.
     """
-    _check_plateau_args(state, loss, step_lr, patience, cooldown, factor)
-    if not var_y > 0:
-        raise ValueError(f"var_y: expected > 0, got {var_y}")
+    _check_plateau_args(state, loss, step_lr, var_y, patience, cooldown, factor)
     _lib().plateau_step(
         state.n_students,
         int(epoch),
@@ -924,7 +924,7 @@ def plateau_step_reference(
     min_lr: float,
 ) -> None:
     """Pure-torch twin of :func:`plateau_step` (elementwise ops, same order, in place)."""
-    _check_plateau_args(state, loss, step_lr, patience, cooldown, factor)
+    _check_plateau_args(state, loss, step_lr, var_y, patience, cooldown, factor)
     s, live = state, state.live
     s.diverged.copy_(
         torch.where(live & ~torch.isfinite(loss) & (s.diverged == 0), epoch, s.diverged)

@@ -267,7 +267,7 @@ def _train_students(
                 loss = fstep(xs.index_select(0, idx), ys.index_select(0, idx))
                 acc += loss.to(torch.float64) * idx.shape[0]
             epoch_loss = acc / n_queries
-        ops.plateau_step(state, epoch_loss.contiguous(), epoch, fstep.lr, **rule)
+        ops.plateau_step(state, epoch_loss, epoch, fstep.lr, **rule)
         if epoch % hist_every == 0 or epoch == 1:
             pending.append((epoch, state.rel.clone()))
         bar.update(1)
