@@ -134,6 +134,9 @@ def test_grow_without_candidates_finds_the_missing_neuron_from_the_residual(acti
     # Without residual neurons there is nothing to try.
     same, added, trials = grow_neurons(net, [], x, y, RepairConfig(residual_candidates=0))
     assert same is net and added == [] and trials == 0
+    # Nor with the residual pass's limit at 0 (the clusters' pass keeps its own limit).
+    same, added, trials = grow_neurons(net, [], x, y, RepairConfig(residual_max_added=0))
+    assert same is net and added == [] and trials == 0
 
 
 def test_grow_looks_ahead_when_two_neurons_are_missing():
@@ -154,6 +157,28 @@ def test_grow_looks_ahead_when_two_neurons_are_missing():
     assert first < cfg.grow_factor  # kept only thanks to the look-ahead
     assert metrics.relative_mse(out.forward(x), y) < 1e-20
     assert metrics.alignment(inc, out.incoming(0), "tanh")["max"] < 1e-10
+
+
+def test_grow_finishes_the_cluster_pass_before_growing_residual_neurons():
+    # A weak softplus neuron on few uniform queries (as full-0024): the cluster candidate's
+    # L-BFGS trial stalls near 1e-7; without the Levenberg-Marquardt finish between the passes,
+    # pass 2 added a residual neuron and the network ended exact but one neuron too wide.
+    # Here the finish alone makes it exact.
+    t = planted_teacher(3, [2], 3, "softplus", seed=4, min_angle_degrees=20)
+    t.weights[1][:, -1] *= 0.2
+    x, y = probe(t, 400, "uniform", seed=1)
+    inc = t.incoming(0)
+    rng = np.random.default_rng(0)
+    start = inc[:1] * (1 + 0.02 * rng.normal(size=inc.shape[1]))
+    net = reconstruct_one_hidden_layer(start, x, y, "softplus")
+    near = inc[1] * (1 + 0.05 * rng.normal(size=inc.shape[1]))
+    cand = {"incoming": near, "size": 3, "median_angle_degrees": 5.0}
+    out, added, trials = grow_neurons(net, [cand], x, y, RepairConfig())
+    assert out.hidden_sizes == [2]
+    assert [a["source"] for a in added] == ["cluster"]
+    assert trials == 2  # the candidate's trial, then the finish
+    assert added[0]["relative_mse_after"] == metrics.relative_mse(out.forward(x), y) < 1e-20
+    assert metrics.alignment(inc, out.incoming(0), "softplus")["max"] < 1e-10
 
 
 def test_grow_keeps_nothing_when_no_candidate_helps_enough():
@@ -209,6 +234,8 @@ def test_repair_rejects_deep_networks_and_bad_settings():
         RepairConfig(prune_tolerance=-1)
     with pytest.raises(ValueError, match="prune_factor"):
         RepairConfig(prune_factor=0.5)
+    with pytest.raises(ValueError, match="residual_max_added"):
+        RepairConfig(residual_max_added=-1)
 
 
 def test_recover_repairs_the_last_layer_of_a_deep_network():
