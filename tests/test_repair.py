@@ -5,7 +5,11 @@ import pytest
 
 from expand_and_cluster import metrics
 from expand_and_cluster.network import Network
-from expand_and_cluster.reconstruction import finetune, reconstruct_one_hidden_layer
+from expand_and_cluster.reconstruction import (
+    finetune,
+    layer_features,
+    reconstruct_one_hidden_layer,
+)
 from expand_and_cluster.repair import (
     RepairConfig,
     grow_neurons,
@@ -268,12 +272,11 @@ def test_recover_repairs_the_last_layer_of_a_deep_network():
 def test_grow_deep_residual_restores_the_missing_neuron_of_a_deep_teacher(activation):
     # A deep teacher without one neuron of its last hidden layer (output layer refitted): the
     # residual neuron, with every weight fine-tuned, is the teacher's, in both layers.
-    from expand_and_cluster.recover import _prefix_features
     from expand_and_cluster.repair import grow_deep_residual
 
     t = planted_teacher(4, [4, 3], 1, activation, seed=1, min_angle_degrees=30)
     x, y = probe(t, 1000, "gaussian", seed=0)
-    h0 = _prefix_features([t.incoming(0)], x, activation)[-1]
+    h0 = layer_features([t.incoming(0)], x, activation)[-1]
     part = reconstruct_one_hidden_layer(np.delete(t.incoming(1), 1, axis=0), h0, y, activation)
     net = Network(
         [t.weights[0], part.weights[0], part.weights[1]],

@@ -85,6 +85,17 @@ def hidden_features(x: np.ndarray, incoming: np.ndarray, activation: str) -> np.
         return act.fn(xt @ w.T + b).numpy()
 
 
+def layer_features(incoming: list[np.ndarray], x: np.ndarray, activation: str) -> list[np.ndarray]:
+    """Activations of a stack of hidden layers: entry l is ``[P, k_l]``, the output of layer l
+    (incoming vectors ``incoming[l]``, ``[k_l, k_{l-1} + 1]``) fed by the layers below it and the
+    queries ``x`` ``[P, d_in]``; float64. Empty for an empty stack."""
+    feats, h = [], x
+    for inc in incoming:
+        h = hidden_features(h, inc, activation)
+        feats.append(h)
+    return feats
+
+
 def output_design(features: np.ndarray, x: np.ndarray, linear_term: bool) -> np.ndarray:
     """``[P, k + 1 (+ d_in)]`` float64 design of the least-squares output layer: the hidden
     features ``[P, k]``, a column of ones (the output bias) and, with ``linear_term``, the inputs

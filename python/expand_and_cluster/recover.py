@@ -27,6 +27,7 @@ from .reconstruction import (
     finetune,
     fit_output_layer,
     hidden_features,
+    layer_features,
     reconstruct_one_hidden_layer,
     resolve_linear_signs,
 )
@@ -334,15 +335,6 @@ def split_queries(n: int, held_out_fraction: float, seed: int) -> tuple[np.ndarr
     return np.sort(perm[n_held:]), np.sort(perm[:n_held])
 
 
-def _prefix_features(prefix: list[np.ndarray], x: np.ndarray, activation: str) -> list[np.ndarray]:
-    """Activations ``[P, k_l]`` of every recovered layer of ``prefix`` (incoming vectors)."""
-    feats, h = [], x
-    for inc in prefix:
-        h = hidden_features(h, inc, activation)
-        feats.append(h)
-    return feats
-
-
 def _insert_layer(
     ens: StudentEnsemble, cl: LayerClustering, linear_terms: np.ndarray | None
 ) -> StudentEnsemble:
@@ -630,7 +622,7 @@ def _recover_once(
                 layers[l - 1].sign_resolution = meta["below"]["sign_resolution"]
         if last >= 0:  # ``arrays`` now holds the stage of layer ``last``
             prefix = [np.asarray(arrays[f"incoming_{i}"]) for i in range(last + 1)]
-            plain = [Xtr] + _prefix_features(prefix, Xtr, act.name)
+            plain = [Xtr] + layer_features(prefix, Xtr, act.name)
             if last < n_layers - 1:
                 ens = StudentEnsemble.from_arrays(arrays, dtype=torch.float64)
                 losses = np.asarray(arrays["relative_mse"])
@@ -684,7 +676,7 @@ def _recover_once(
                 )
                 ref = finetune(net, Xtr, Ytr, max_iterations=cfg.layer_refine_iterations)
                 prefix = [ref.network.incoming(i) for i in range(l + 1)]
-                plain = [Xtr] + _prefix_features(prefix, Xtr, act.name)[:l]
+                plain = [Xtr] + layer_features(prefix, Xtr, act.name)[:l]
                 say(
                     f"layer {l}: refined with student {best}'s upper layers, relative MSE "
                     f"{ref.mse_before / var_out:.2e} -> {ref.mse_after / var_out:.2e}"
@@ -732,7 +724,7 @@ def _recover_once(
     if n_layers == 1:
         initial = reconstruct_one_hidden_layer(prefix[0], Xtr, Ytr, act.name, mask)
     else:
-        plain = [Xtr] + _prefix_features(prefix, Xtr, act.name)
+        plain = [Xtr] + layer_features(prefix, Xtr, act.name)
         h, p = plain[-1], plain[-2]
         if act.symmetry.has_linear_term:
             w, b, theta = fit_output_layer(h, p, Ytr, linear_term=True)
@@ -814,7 +806,7 @@ def _repair_last_layer(
         return repair_width(
             network, candidates, x, y, cfg.repair, final_iterations=cfg.finetune_iterations
         )
-    below = _prefix_features(
+    below = layer_features(
         [network.incoming(i) for i in range(len(network.weights) - 2)], x, network.activation
     )[-1]
     top = Network(network.weights[-2:], network.biases[-2:], network.activation)

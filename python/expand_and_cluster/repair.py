@@ -47,6 +47,7 @@ from .network import Network
 from .reconstruction import (
     finetune,
     hidden_features,
+    layer_features,
     output_design,
     reconstruct_one_hidden_layer,
 )
@@ -544,9 +545,8 @@ def grow_deep_residual(
         and current > config.grow_target
         and config.residual_candidates > 0
     ):
-        below = x
-        for i in range(len(net.hidden_sizes) - 1):
-            below = hidden_features(below, net.incoming(i), act)
+        fixed = [net.incoming(i) for i in range(len(net.hidden_sizes) - 1)]
+        below = layer_features(fixed, x, act)[-1]
         top = Network(net.weights[-2:], net.biases[-2:], act)
         pool = residual_neurons(
             top,
