@@ -88,8 +88,9 @@ class RepairConfig:
         more are missing and costs where the network cannot be completed: full-0082 (sigmoid
         10 on d_in 4, 5 found; by hand on its saved network) gains 3.2x, 1.9x, 9.7x, 2.9x,
         then 3e18x with the fifth (exact, the 5 missing teacher neurons within 1e-19), and
-        keeps nothing at 4; but at 8, full-0008 (softplus 12 on d_in 2, 8 found, not fixed
-        either way) took 1,300 s against 41 s.
+        keeps nothing at 4; but full-0008 (softplus 12 on d_in 2, 8 found, not fixed either
+        way) took 1,300 s at 8 against 41 s at 4 (the 1,300 s in a run that shared the cores,
+        so the ratio overstates the extra rounds' cost; it is not measured cleanly).
     deep_grow_factor : deep networks (:func:`grow_deep_residual`): a residual neuron added to
         the last hidden layer, with every weight fine-tuned, is kept when it lowers the relative
         MSE at least this many times; the rounds stop at the first that does not.
