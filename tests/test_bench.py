@@ -125,6 +125,42 @@ def test_run_resume_and_summary(tmp_path, capsys):
     assert "Suite tiny" in capsys.readouterr().out
 
 
+def test_run_with_one_job_pins_one_thread_like_the_workers(tmp_path, monkeypatch):
+    # torch's thread count changes its float sums (the students' trajectories), so --jobs 1
+    # must run problems with the workers' single thread, and give the caller its threads back.
+    import torch
+
+    from expand_and_cluster import bench, ops
+
+    seen = []
+
+    def fake_run(problem, settings, device="cpu"):
+        seen.append((torch.get_num_threads(), ops.num_threads()))
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(bench, "run_problem", fake_run)
+    path = _write(
+        tmp_path,
+        {
+            "format": SUITE_FORMAT,
+            "name": "tiny",
+            "settings": QUICK,
+            "problems": [{"id": "a", "activation": "tanh", "d_in": 2, "width": 2, "seed": 0}],
+        },
+    )
+    before = torch.get_num_threads(), ops.num_threads()
+    torch.set_num_threads(2)
+    ops.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="stop"):
+            run_suite(load_suite(path), tmp_path / "out", jobs=1)
+        assert seen == [(1, 1)]
+        assert (torch.get_num_threads(), ops.num_threads()) == (2, 2)
+    finally:
+        torch.set_num_threads(before[0])
+        ops.set_num_threads(before[1])
+
+
 def test_summary_counts_failure_kinds():
     base = {"activation": "tanh", "rho": 2.0, "width": 3, "seconds": 1.0, "success_1e-6": False}
     rows = [

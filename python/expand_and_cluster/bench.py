@@ -484,9 +484,10 @@ def _read_rows(path: Path) -> list[dict]:
 def run_suite(suite: Suite, out: Path, jobs: int = 1, log=None, device: str = "cpu") -> list[dict]:
     """Run every problem not yet in ``out/results.jsonl`` (so an interrupted run resumes), append
     one JSON row per problem as it finishes, then write ``summary.json``, ``summary.md`` and the
-    figures. ``jobs`` > 1 runs problems in that many processes (each with one kernel thread;
-    started with "spawn" on CUDA, which a forked process cannot use). ``device``: where the
-    students train, "cpu" or "cuda"."""
+    figures. ``jobs`` > 1 runs problems in that many processes (started with "spawn" on CUDA,
+    which a forked process cannot use); every problem runs with one torch thread and one kernel
+    thread, in a worker or (``jobs`` 1) here, so the rows do not depend on ``jobs``.
+    ``device``: where the students train, "cpu" or "cuda"."""
     from .report import write_json_atomic
 
     say = log or (lambda s: None)
@@ -519,8 +520,20 @@ def run_suite(suite: Suite, out: Path, jobs: int = 1, log=None, device: str = "c
             for fut in futures:
                 record(fut.result())
     else:
-        for p in todo:
-            record(run_problem(p, suite.settings, device))
+        # One thread here too, as in the workers: torch's thread count changes the order of its
+        # float sums, hence the students' trajectories, so the rows would depend on --jobs.
+        import torch
+
+        from . import ops
+
+        threads = torch.get_num_threads(), ops.num_threads()
+        _single_thread()
+        try:
+            for p in todo:
+                record(run_problem(p, suite.settings, device))
+        finally:
+            torch.set_num_threads(threads[0])
+            ops.set_num_threads(threads[1])
     rows = [r for r in _read_rows(results) if r["id"] in {p.id for p in suite.problems}]
     summary = summarise(rows)
     summary.update(
