@@ -98,7 +98,7 @@ import torch
 from expand_and_cluster import ops
 ops.CUDA_TORCH_PATH_MIN_LAYER_SIZE = 10**9  # the fused kernel at every size below
 dev = "cuda"
-for version, dtype in [(v, t) for v in (1, 2, 3) for t in (torch.float32, torch.float64)]:
+for version, dtype in [(v, t) for v in (1, 2, 3, 4) for t in (torch.float32, torch.float64)]:
     ops.set_cuda_kernel_version(version)
     g = torch.Generator().manual_seed(0)
     widths = [5, 33, 17, 3]

@@ -289,8 +289,8 @@ namespace {
 std::atomic<int> g_cuda_kernel_version{3};
 }
 void set_cuda_kernel_version(int version) {
-  if (version < 1 || version > 3)
-    throw std::invalid_argument("set_cuda_kernel_version: expected 1, 2 or 3, got " +
+  if (version < 1 || version > 4)
+    throw std::invalid_argument("set_cuda_kernel_version: expected 1, 2, 3 or 4, got " +
                                 std::to_string(version));
   g_cuda_kernel_version.store(version);
 }

@@ -37,6 +37,9 @@ SHAPES = [
     # version 3 with 12 stored inputs (d_in 9), a one-warp block with more output units (3 x 32)
     # than threads (several passes of the output sums), a partial last tile.
     ([9, 20, 3], 2, 77),
+    # version 4 (one output): 16 stored inputs for 13, a width that is not whole warps, a last
+    # tile of one row.
+    ([13, 50, 1], 2, 97),
 ]
 
 
@@ -52,7 +55,7 @@ def _cuda(ts):
     return [t.cuda() for t in ts]
 
 
-@pytest.fixture(params=[1, 2, 3], ids=["v1", "v2", "v3"])
+@pytest.fixture(params=[1, 2, 3, 4], ids=["v1", "v2", "v3", "v4"])
 def kernel_version(request):
     """Runs the test under each variant of the CUDA kernels (ops.set_cuda_kernel_version)."""
     before = ops.cuda_kernel_version()
@@ -88,6 +91,31 @@ def test_mlp_cuda_matches_cpu_and_reference(activation, widths, n, b, dtype, ker
     assert rel(out.cpu().double(), out_c.double()) < 2 * tol
     for a, r in zip(gw + gb, gw_c + gb_c):
         assert rel(a.cpu().double(), r.double()) < 2 * tol
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize(
+    "widths,n,b",
+    [([10, 80, 1], 3, 1000), ([2, 20, 1], 2, 65), ([13, 50, 1], 2, 97), ([16, 256, 1], 1, 40)],
+)
+def test_mlp_cuda_version_4_equals_version_3(activation, widths, n, b, dtype):
+    # Version 4 compiles the toy-size kernel for one output: other instructions, the same terms in
+    # the same order, so the loss and gradients must be bitwise those of version 3.
+    ws, bs, x, y = _data(widths, n, b, dtype)
+    args = (_cuda(ws), _cuda(bs), x.cuda(), y.cuda(), activation)
+    before = ops.cuda_kernel_version()
+    try:
+        ops.set_cuda_kernel_version(3)
+        v3 = ops.mlp_mse_grad(*args)
+        ops.set_cuda_kernel_version(4)
+        v4 = ops.mlp_mse_grad(*args)
+    finally:
+        ops.set_cuda_kernel_version(before)
+    assert torch.equal(v3[0], v4[0])
+    for a, b3 in zip(v4[1] + v4[2], v3[1] + v3[2]):
+        assert torch.equal(a, b3)
 
 
 @gpu
@@ -348,9 +376,10 @@ def test_backends_report_cuda_iff_compiled():
 
 def test_cuda_kernel_version_is_validated_and_restored():
     before = ops.cuda_kernel_version()
-    assert before in (1, 2, 3)
-    with pytest.raises(ValueError, match="version"):
-        ops.set_cuda_kernel_version(4)
+    assert before in (1, 2, 3, 4)
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="version"):
+            ops.set_cuda_kernel_version(bad)
     ops.set_cuda_kernel_version(1)
     try:
         assert ops.cuda_kernel_version() == 1

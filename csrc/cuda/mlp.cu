@@ -15,7 +15,9 @@
 //
 // Kernel versions (ops.set_cuda_kernel_version): 1 = mlp_kernel, 2 = mlp_kernel_v2 (register
 // tiles, gradient sums in shared memory), 3 (default) = version 2 plus mlp_thin_kernel for the
-// gradients of one-hidden-layer students at the toy sizes (one thread per hidden neuron).
+// gradients of one-hidden-layer students at the toy sizes (one thread per hidden neuron), 4 =
+// version 3 with that kernel compiled for one output (d_out == 1; other d_out run version 3's):
+// the same values, fewer instructions (opt-in until measured on a GPU).
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
@@ -690,18 +692,24 @@ __device__ __forceinline__ void load_row(const double* p, double (&v)[D]) {
   }
 }
 
-template <typename T, Act A, int D>
+// D: inputs per row as stored (thin_d). DO: output units the kernel is compiled for (version 3:
+// kThinMaxOut, any d_out up to it; version 4: DO == 1, launched only when d_out == 1, so every
+// per-output loop and test folds away). kTileBase (version 4): the tile's loads index from the
+// tile's first row in 32-bit offsets, inputs and targets in separate loops. Both change the
+// instructions only: the values loaded and every sum (terms and order) are those of version 3.
+template <typename T, Act A, int D, int DO, bool kTileBase>
 __global__ void __launch_bounds__(kThinMaxWidth) mlp_thin_kernel(const Args<T> a) {
   constexpr int TR = kThinRows;
-  constexpr int DO = kThinMaxOut;
+  static_assert(DO >= 1 && DO <= kThinMaxOut, "mlp_thin_kernel: DO out of range");
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ double lsum[kThinMaxWidth];  // each thread's loss
-  __shared__ T gb2u[DO * TR];             // output-bias gradient per unit (k, t), over the tiles
+  __shared__ double lsum[kThinMaxWidth];   // each thread's loss
+  __shared__ T gb2u[kThinMaxOut * TR];     // output-bias gradient per unit (k, t), over the tiles
   const int tid = threadIdx.x, wp = blockDim.x;
   const int64_t item = blockIdx.x;
   const int n = int(item / a.n_chunks);
   const int64_t c = item % a.n_chunks;
-  const int d_in = a.widths[0], width = a.widths[1], d_out = a.widths[2];
+  const int d_in = a.widths[0], width = a.widths[1];
+  const int d_out = DO == 1 ? 1 : a.widths[2];
   const int64_t B = a.batch;
   T* xs = reinterpret_cast<T*>(smem_raw);  // [TR][D], zero beyond d_in and the batch
   T* ys = xs + TR * D;                     // [DO][TR]: targets (written through xs)
@@ -745,26 +753,56 @@ __global__ void __launch_bounds__(kThinMaxWidth) mlp_thin_kernel(const Args<T> a
     const int64_t row0 = tile * TR;
     const int tb = B - row0 < TR ? int(B - row0) : TR;
     __syncthreads();  // the previous tile is done with xs, ys, errs (and gb2u is zeroed)
-    // The tile's inputs and targets into xs and ys (contiguous): kLoads loads in flight per
-    // thread before the first store, so a tile costs about one global-memory latency.
-    constexpr int kLoads = 4, kTotal = TR * D + DO * TR;
-    for (int base = tid; base < kTotal; base += kLoads * wp) {
-      T v[kLoads];
+    // The tile's inputs and targets into xs and ys (zero beyond d_in, d_out and the batch):
+    // kLoads loads in flight per thread before the first store, so a tile costs about one
+    // global-memory latency.
+    constexpr int kLoads = 4;
+    if constexpr (kTileBase) {
+      // Offsets from the tile's first row (int: at most kThinRows rows of kThinMaxIn inputs).
+      // The targets first (at most DO per thread: wp >= 32 == TR), held over the input loads.
+      const T* xt = a.x + row0 * d_in;
+      const T* yt = a.y + row0 * d_out;
+      T yv[DO];
 #pragma unroll
-      for (int q = 0; q < kLoads; ++q) {
-        const int idx = base + q * wp;
-        v[q] = T(0);
-        if (idx < TR * D) {
-          const int t = idx / D, i = idx % D;
-          if (t < tb && i < d_in) v[q] = a.x[(row0 + t) * d_in + i];
-        } else if (idx < kTotal) {
-          const int u = idx - TR * D, k = u / TR, t = u % TR;
-          if (k < d_out && t < tb) v[q] = a.y[(row0 + t) * d_out + k];
+      for (int q = 0; q < DO; ++q) {
+        const int u = tid + q * wp, k = u / TR, t = u % TR;
+        yv[q] = u < DO * TR && k < d_out && t < tb ? yt[t * d_out + k] : T(0);
+      }
+      constexpr int kX = TR * D;
+      for (int base = tid; base < kX; base += kLoads * wp) {
+        T v[kLoads];
+#pragma unroll
+        for (int q = 0; q < kLoads; ++q) {
+          const int idx = base + q * wp, t = idx / D, i = idx - t * D;
+          v[q] = idx < kX && t < tb && i < d_in ? xt[t * d_in + i] : T(0);
         }
+#pragma unroll
+        for (int q = 0; q < kLoads; ++q)
+          if (base + q * wp < kX) xs[base + q * wp] = v[q];
       }
 #pragma unroll
-      for (int q = 0; q < kLoads; ++q)
-        if (base + q * wp < kTotal) xs[base + q * wp] = v[q];
+      for (int q = 0; q < DO; ++q)
+        if (tid + q * wp < DO * TR) ys[tid + q * wp] = yv[q];
+    } else {
+      constexpr int kTotal = TR * D + DO * TR;
+      for (int base = tid; base < kTotal; base += kLoads * wp) {
+        T v[kLoads];
+#pragma unroll
+        for (int q = 0; q < kLoads; ++q) {
+          const int idx = base + q * wp;
+          v[q] = T(0);
+          if (idx < TR * D) {
+            const int t = idx / D, i = idx % D;
+            if (t < tb && i < d_in) v[q] = a.x[(row0 + t) * d_in + i];
+          } else if (idx < kTotal) {
+            const int u = idx - TR * D, k = u / TR, t = u % TR;
+            if (k < d_out && t < tb) v[q] = a.y[(row0 + t) * d_out + k];
+          }
+        }
+#pragma unroll
+        for (int q = 0; q < kLoads; ++q)
+          if (base + q * wp < kTotal) xs[base + q * wp] = v[q];
+      }
     }
     __syncthreads();
     // Forward through the neuron; its share of each output to shared memory.
@@ -897,16 +935,22 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(const ReduceArgs<T> r)
 template <typename T, Act A>
 void launch_thin(const Plan<T>& pl, cudaStream_t stream) {
   const int d = thin_d(pl.a.widths[0]);
-  auto kernel = d == 4    ? mlp_thin_kernel<T, A, 4>
-                : d == 8  ? mlp_thin_kernel<T, A, 8>
-                : d == 12 ? mlp_thin_kernel<T, A, 12>
-                          : mlp_thin_kernel<T, A, 16>;
+  // Version 4: the one-output kernel (the other output counts run version 3's).
+  const bool one = cuda_kernel_version() >= 4 && pl.a.widths[2] == 1;
+  auto kernel = one ? (d == 4    ? mlp_thin_kernel<T, A, 4, 1, true>
+                       : d == 8  ? mlp_thin_kernel<T, A, 8, 1, true>
+                       : d == 12 ? mlp_thin_kernel<T, A, 12, 1, true>
+                                 : mlp_thin_kernel<T, A, 16, 1, true>)
+                    : (d == 4    ? mlp_thin_kernel<T, A, 4, kThinMaxOut, false>
+                       : d == 8  ? mlp_thin_kernel<T, A, 8, kThinMaxOut, false>
+                       : d == 12 ? mlp_thin_kernel<T, A, 12, kThinMaxOut, false>
+                                 : mlp_thin_kernel<T, A, 16, kThinMaxOut, false>);
   if (pl.smem_bytes_thin + kThinStaticSmem > kDefaultSmem)
     cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      int(pl.smem_bytes_thin)),
                 "mlp (cuda): cudaFuncSetAttribute");
   kernel<<<unsigned(pl.items), pl.thin_threads, pl.smem_bytes_thin, stream>>>(pl.a);
-  cuda::check_launch("mlp_mse_grad (cuda, version 3)");
+  cuda::check_launch(one ? "mlp_mse_grad (cuda, version 4)" : "mlp_mse_grad (cuda, version 3)");
 }
 
 template <typename T, Act A, bool kGrad>
