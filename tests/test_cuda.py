@@ -37,8 +37,8 @@ SHAPES = [
     # version 3 with 12 stored inputs (d_in 9), a one-warp block with more output units (3 x 32)
     # than threads (several passes of the output sums), a partial last tile.
     ([9, 20, 3], 2, 77),
-    # version 4 (one output): 16 stored inputs for 13, a width that is not whole warps, a last
-    # tile of one row.
+    # one output: 16 stored inputs for 13, a width that is not whole warps, a last tile of one
+    # row.
     ([13, 50, 1], 2, 97),
 ]
 
@@ -98,11 +98,19 @@ def test_mlp_cuda_matches_cpu_and_reference(activation, widths, n, b, dtype, ker
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 @pytest.mark.parametrize(
     "widths,n,b",
-    [([10, 80, 1], 3, 1000), ([2, 20, 1], 2, 65), ([13, 50, 1], 2, 97), ([16, 256, 1], 1, 40)],
+    [
+        ([10, 80, 1], 3, 1000),
+        ([2, 20, 1], 2, 65),
+        ([13, 50, 1], 2, 97),
+        ([16, 256, 1], 1, 40),
+        ([5, 33, 2], 2, 100),
+        ([9, 20, 3], 2, 77),
+        ([16, 256, 4], 1, 333),
+    ],
 )
 def test_mlp_cuda_version_4_equals_version_3(activation, widths, n, b, dtype):
-    # Version 4 compiles the toy-size kernel for one output: other instructions, the same terms in
-    # the same order, so the loss and gradients must be bitwise those of version 3.
+    # Version 4 compiles the toy-size kernel for each output count: other instructions, the same
+    # terms in the same order, so the loss and gradients must be bitwise those of version 3.
     ws, bs, x, y = _data(widths, n, b, dtype)
     args = (_cuda(ws), _cuda(bs), x.cuda(), y.cuda(), activation)
     before = ops.cuda_kernel_version()

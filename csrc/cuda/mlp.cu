@@ -16,8 +16,8 @@
 // Kernel versions (ops.set_cuda_kernel_version): 1 = mlp_kernel, 2 = mlp_kernel_v2 (register
 // tiles, gradient sums in shared memory), 3 (default) = version 2 plus mlp_thin_kernel for the
 // gradients of one-hidden-layer students at the toy sizes (one thread per hidden neuron), 4 =
-// version 3 with that kernel compiled for one output (d_out == 1; other d_out run version 3's):
-// the same values, fewer instructions (opt-in until measured on a GPU).
+// version 3 with that kernel compiled for each output count (1 to 4) and leaner tile loads: the
+// same values, fewer instructions (opt-in until measured on a GPU).
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
@@ -692,15 +692,17 @@ __device__ __forceinline__ void load_row(const double* p, double (&v)[D]) {
   }
 }
 
-// D: inputs per row as stored (thin_d). DO: output units the kernel is compiled for (version 3:
-// kThinMaxOut, any d_out up to it; version 4: DO == 1, launched only when d_out == 1, so every
-// per-output loop and test folds away). kTileBase (version 4): the tile's loads index from the
-// tile's first row in 32-bit offsets, inputs and targets in separate loops. Both change the
-// instructions only: the values loaded and every sum (terms and order) are those of version 3.
-template <typename T, Act A, int D, int DO, bool kTileBase>
+// D: inputs per row as stored (thin_d). DO: output units the kernel is compiled for. Version 3
+// (kV4 false): DO = kThinMaxOut, any d_out up to it, tested at run time. Version 4 (kV4 true):
+// DO == d_out (one kernel per output count), so the per-output loops and tests fold away at
+// compile time; and the tile's loads index from the tile's first row in 32-bit offsets, inputs
+// and targets in separate loops. Both change the instructions only: the values loaded and every
+// sum (its terms and their order) are those of version 3.
+template <typename T, Act A, int D, int DO, bool kV4>
 __global__ void __launch_bounds__(kThinMaxWidth) mlp_thin_kernel(const Args<T> a) {
   constexpr int TR = kThinRows;
   static_assert(DO >= 1 && DO <= kThinMaxOut, "mlp_thin_kernel: DO out of range");
+  static_assert(kV4 || DO == kThinMaxOut, "mlp_thin_kernel: version 3 is compiled for any d_out");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ double lsum[kThinMaxWidth];   // each thread's loss
   __shared__ T gb2u[kThinMaxOut * TR];     // output-bias gradient per unit (k, t), over the tiles
@@ -709,7 +711,7 @@ __global__ void __launch_bounds__(kThinMaxWidth) mlp_thin_kernel(const Args<T> a
   const int n = int(item / a.n_chunks);
   const int64_t c = item % a.n_chunks;
   const int d_in = a.widths[0], width = a.widths[1];
-  const int d_out = DO == 1 ? 1 : a.widths[2];
+  const int d_out = kV4 ? DO : a.widths[2];
   const int64_t B = a.batch;
   T* xs = reinterpret_cast<T*>(smem_raw);  // [TR][D], zero beyond d_in and the batch
   T* ys = xs + TR * D;                     // [DO][TR]: targets (written through xs)
@@ -757,7 +759,7 @@ __global__ void __launch_bounds__(kThinMaxWidth) mlp_thin_kernel(const Args<T> a
     // kLoads loads in flight per thread before the first store, so a tile costs about one
     // global-memory latency.
     constexpr int kLoads = 4;
-    if constexpr (kTileBase) {
+    if constexpr (kV4) {
       // Offsets from the tile's first row (int: at most kThinRows rows of kThinMaxIn inputs).
       // The targets first (at most DO per thread: wp >= 32 == TR), held over the input loads.
       const T* xt = a.x + row0 * d_in;
@@ -932,25 +934,30 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(const ReduceArgs<T> r)
   }
 }
 
+// The version-3/4 kernel for D = d stored inputs (thin_d).
+template <typename T, Act A, int DO, bool kV4>
+auto thin_kernel_for(int d) {
+  return d == 4    ? mlp_thin_kernel<T, A, 4, DO, kV4>
+         : d == 8  ? mlp_thin_kernel<T, A, 8, DO, kV4>
+         : d == 12 ? mlp_thin_kernel<T, A, 12, DO, kV4>
+                   : mlp_thin_kernel<T, A, 16, DO, kV4>;
+}
+
 template <typename T, Act A>
 void launch_thin(const Plan<T>& pl, cudaStream_t stream) {
-  const int d = thin_d(pl.a.widths[0]);
-  // Version 4: the one-output kernel (the other output counts run version 3's).
-  const bool one = cuda_kernel_version() >= 4 && pl.a.widths[2] == 1;
-  auto kernel = one ? (d == 4    ? mlp_thin_kernel<T, A, 4, 1, true>
-                       : d == 8  ? mlp_thin_kernel<T, A, 8, 1, true>
-                       : d == 12 ? mlp_thin_kernel<T, A, 12, 1, true>
-                                 : mlp_thin_kernel<T, A, 16, 1, true>)
-                    : (d == 4    ? mlp_thin_kernel<T, A, 4, kThinMaxOut, false>
-                       : d == 8  ? mlp_thin_kernel<T, A, 8, kThinMaxOut, false>
-                       : d == 12 ? mlp_thin_kernel<T, A, 12, kThinMaxOut, false>
-                                 : mlp_thin_kernel<T, A, 16, kThinMaxOut, false>);
+  const int d = thin_d(pl.a.widths[0]), d_out = pl.a.widths[2];
+  const bool v4 = cuda_kernel_version() >= 4;
+  auto kernel = !v4          ? thin_kernel_for<T, A, kThinMaxOut, false>(d)
+                : d_out == 1 ? thin_kernel_for<T, A, 1, true>(d)
+                : d_out == 2 ? thin_kernel_for<T, A, 2, true>(d)
+                : d_out == 3 ? thin_kernel_for<T, A, 3, true>(d)
+                             : thin_kernel_for<T, A, 4, true>(d);
   if (pl.smem_bytes_thin + kThinStaticSmem > kDefaultSmem)
     cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      int(pl.smem_bytes_thin)),
                 "mlp (cuda): cudaFuncSetAttribute");
   kernel<<<unsigned(pl.items), pl.thin_threads, pl.smem_bytes_thin, stream>>>(pl.a);
-  cuda::check_launch(one ? "mlp_mse_grad (cuda, version 4)" : "mlp_mse_grad (cuda, version 3)");
+  cuda::check_launch(v4 ? "mlp_mse_grad (cuda, version 4)" : "mlp_mse_grad (cuda, version 3)");
 }
 
 template <typename T, Act A, bool kGrad>

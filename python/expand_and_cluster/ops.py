@@ -94,13 +94,13 @@ def set_cuda_kernel_version(version: int) -> None:
     kernels; the fused MLP kernel keeps each block's gradient sums in shared memory across its
     batch tiles (when they fit; else it runs variant 1), and cosine_distances computes 64 x 64
     tiles with 4 x 4 outputs per thread. 1: the first, simplest kernels, kept as a reference and a
-    fallback. 4 (opt-in, not yet timed on a GPU): version 3 with the toy-size kernel compiled for
-    students with one output (d_out == 1; other d_out run version 3), its per-output loops and
-    tests removed at compile time and its tile loads indexed from the tile's first row: fewer
-    instructions per row, the same terms summed in the same order, so results equal version 3's
-    bit for bit. All compute the same sums (versions 1 and 2 in the same order; versions 3 and 4
-    sum a student's gradient over the batch in another order, so float results differ by
-    rounding). Each version is deterministic. Raises ValueError for any other value.
+    fallback. 4 (opt-in, not yet timed on a GPU): version 3 with the toy-size kernel compiled
+    for each output count (d_out 1 to 4), so its per-output loops and tests go at compile time,
+    and its tile loads indexed from the tile's first row: fewer instructions per row, the same
+    terms summed in the same order, so results equal version 3's bit for bit. All compute the
+    same sums (versions 1 and 2 in the same order; versions 3 and 4 sum a student's gradient
+    over the batch in another order, so float results differ by rounding). Each version is
+    deterministic. Raises ValueError for any other value.
     """
     if version not in (1, 2, 3, 4):
         raise ValueError(f"version: expected 1, 2, 3 or 4, got {version!r}")
