@@ -25,7 +25,8 @@ mkdir -p "$out"
 T_BUILD=${T_BUILD:-300} T_TESTS=${T_TESTS:-240} T_BENCH=${T_BENCH:-240} T_DEMO=${T_DEMO:-240}
 T_SAN=${T_SAN:-180}
 
-# STEPS: which steps run after the build (default all), e.g. STEPS="tests bench".
+# STEPS: which steps run after the build (default below; also bench_compile, suite and ncu),
+# e.g. STEPS="tests bench".
 STEPS=${STEPS:-tests bench demo sanitizer_memcheck sanitizer_racecheck}
 
 declare -A status secs
@@ -136,6 +137,28 @@ for tool in memcheck racecheck; do
   run_step "sanitizer_$tool" "$T_SAN" compute-sanitizer --tool "$tool" --error-exitcode 1 \
     "$py" "$work/one_call_each.py"
 done
+
+# Nsight Compute on the toy gradient kernel, versions 3 and 4 (not in the default steps:
+# STEPS="... ncu"): instructions executed, issue-slot use, occupancy and warp stalls of one
+# 10-80-1 call (N 20, B 10,000, float32, tanh) each, to check the static counts of
+# benchmarks/sass_loops.py. --clock-control none leaves the GPU's clocks as they are.
+cat >"$work/toy_versions.py" <<'PY'
+import torch
+from expand_and_cluster import ops
+g = torch.Generator().manual_seed(0)
+ws = [torch.randn(20, 80, 10, generator=g).cuda(), torch.randn(20, 1, 80, generator=g).cuda()]
+bs = [torch.randn(20, 80, generator=g).cuda(), torch.randn(20, 1, generator=g).cuda()]
+x = torch.randn(10000, 10, generator=g).cuda()
+y = torch.randn(10000, 1, generator=g).cuda()
+for version in (3, 4):
+    ops.set_cuda_kernel_version(version)
+    ops.mlp_mse_grad(ws, bs, x, y, "tanh")
+torch.cuda.synchronize()
+PY
+run_step ncu "${T_NCU:-120}" ncu --clock-control none -k regex:mlp_thin_kernel -c 2 \
+  --section SpeedOfLight --section SchedulerStats --section WarpStateStats \
+  --section Occupancy --section InstructionStats --metrics smsp__inst_executed.sum \
+  "$py" "$work/toy_versions.py"
 
 echo
 echo "================ gpu_check summary ================"
