@@ -347,7 +347,8 @@ def main(path="bench_gpu.json", *_):
         print(
             "training loop (train_students, full batch, ms per epoch): losses read back every "
             f"epoch {loop['sync_every_1']:.4f}, every 16 epochs {loop['sync_every_16']:.4f} "
-            f"(ratio {loop['sync_every_1'] / loop['sync_every_16']:.2f})"
+            f"(ratio {loop['sync_every_1'] / loop['sync_every_16']:.2f}); every 16 epochs with "
+            f"kernel version 4 {loop['sync_every_16_v4']:.4f}"
         )
     except Exception as e:  # a failed extra row must not lose the table
         print(f"training loop: failed: {e!r}")
@@ -369,16 +370,23 @@ def _train_loop(size="toy-10-80-1-N20-B10000", epochs=300):
     x = torch.randn(b, d_in, generator=g)
     y = torch.tanh(x @ torch.randn(d_in, 4, generator=g)) @ torch.randn(4, d_out, generator=g)
     out = {}
-    for k in (1, 16, 1, 16):  # each twice, the first as warm-up
-        cfg = TrainConfig(
-            n_students=n, max_epochs=epochs, target_relative_mse=0.0, min_lr=0.0,
-            progress=False, sync_every=k,
-        )  # fmt: skip
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        train_students(x, y, [width], "tanh", cfg, "cuda")
-        torch.cuda.synchronize()
-        out[f"sync_every_{k}"] = (time.perf_counter() - t0) / epochs * 1e3
+    version = ops.cuda_kernel_version()
+    # each twice, the first as warm-up; then every 16 epochs under kernel version 4
+    try:
+        for k, v in ((1, version), (16, version), (1, version), (16, version), (16, 4)):
+            ops.set_cuda_kernel_version(v)
+            cfg = TrainConfig(
+                n_students=n, max_epochs=epochs, target_relative_mse=0.0, min_lr=0.0,
+                progress=False, sync_every=k,
+            )  # fmt: skip
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            train_students(x, y, [width], "tanh", cfg, "cuda")
+            torch.cuda.synchronize()
+            key = f"sync_every_{k}" + ("" if v == version else f"_v{v}")
+            out[key] = (time.perf_counter() - t0) / epochs * 1e3
+    finally:
+        ops.set_cuda_kernel_version(version)
     return out
 
 
