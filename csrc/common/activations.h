@@ -24,17 +24,28 @@ enum class Act : int {
 };
 constexpr int kNumActivations = 9;
 
+// sigmoid(z) given e = exp(-|z|) (shared with softplus' log1p(e) where both are needed).
 template <typename T>
-EAC_HD T sigmoid_stable(T z) {
-  // e = exp(-|z|) never overflows; both branches are computed so the loop stays vectorisable.
-  T e = std::exp(-std::fabs(z));
+EAC_HD T sigmoid_from_exp(T z, T e) {
   T p = T(1) / (T(1) + e);
   return z >= T(0) ? p : e * p;
 }
 
 template <typename T>
+EAC_HD T sigmoid_stable(T z) {
+  // e = exp(-|z|) never overflows; both branches are computed so the loop stays vectorisable.
+  return sigmoid_from_exp(z, std::exp(-std::fabs(z)));
+}
+
+// log(1 + e^z) given e = exp(-|z|).
+template <typename T>
+EAC_HD T softplus_from_exp(T z, T e) {
+  return (z > T(0) ? z : T(0)) + std::log1p(e);
+}
+
+template <typename T>
 EAC_HD T softplus_stable(T z) {
-  return (z > T(0) ? z : T(0)) + std::log1p(std::exp(-std::fabs(z)));
+  return softplus_from_exp(z, std::exp(-std::fabs(z)));
 }
 
 template <Act A, typename T>
@@ -93,6 +104,52 @@ struct ActOp<Act::G, T> {
   static EAC_HD T df(T z, T) {
     const T s4 = sigmoid_stable(T(4) * z);
     return T(4) * s4 * (T(1) - s4) + sigmoid_stable(z);
+  }
+};
+
+// a = f(z) and d = f'(z) in one pass, for kernels that store the derivative in the forward pass
+// (csrc/cpu/mlp.cpp). Where f and f' share an exponential or erf it is computed once; the values
+// are those of ActOp<A, T>::f and ::df bit for bit (the same operations on the same operands).
+template <Act A, typename T>
+struct ActFdf {
+  static EAC_HD void run(T z, T& a, T& d) {
+    a = ActOp<A, T>::f(z);
+    d = ActOp<A, T>::df(z, a);
+  }
+};
+template <typename T>
+struct ActFdf<Act::Softplus, T> {
+  static EAC_HD void run(T z, T& a, T& d) {
+    const T e = std::exp(-std::fabs(z));
+    a = softplus_from_exp(z, e);
+    d = sigmoid_from_exp(z, e);
+  }
+};
+template <typename T>
+struct ActFdf<Act::Gelu, T> {
+  static EAC_HD void run(T z, T& a, T& d) {
+    const T er = std::erf(z * T(0.70710678118654752440));
+    a = T(0.5) * z * (T(1) + er);
+    const T cdf = T(0.5) * (T(1) + er);
+    const T pdf = T(0.39894228040143267794) * std::exp(T(-0.5) * z * z);
+    d = cdf + z * pdf;
+  }
+};
+template <typename T>
+struct ActFdf<Act::Silu, T> {
+  static EAC_HD void run(T z, T& a, T& d) {
+    const T s = sigmoid_stable(z);
+    a = z * s;
+    d = s * (T(1) + z * (T(1) - s));
+  }
+};
+template <typename T>
+struct ActFdf<Act::G, T> {
+  static EAC_HD void run(T z, T& a, T& d) {
+    const T s4 = sigmoid_stable(T(4) * z);
+    const T e = std::exp(-std::fabs(z));
+    a = s4 + softplus_from_exp(z, e);
+    d = T(4) * s4 * (T(1) - s4) + sigmoid_from_exp(z, e);
   }
 };
 

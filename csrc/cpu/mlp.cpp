@@ -147,18 +147,30 @@ inline void dense_tile(const T* __restrict W, const T* __restrict b, const T* __
   }
 }
 
-template <typename T, Act A>
+// kDf (the gradient pass): each hidden layer's Z is overwritten with the activation's derivative
+// f'(z), computed with f (ActFdf: the exponentials they share once), for delta_tile.
+template <typename T, Act A, bool kDf>
 inline void forward_tile(const Net<T>& net, Workspace<T>& ws) {
   const int L = net.n_linear;
   for (int l = 0; l < L; ++l) {
     const int in = net.widths[l], out = net.widths[l + 1];
     dense_tile(net.w[l], net.b[l], ws.A[l], in, out, ws.Z[l]);
     if (l + 1 < L) {
-      const T* __restrict z = ws.Z[l];
+      T* __restrict z = ws.Z[l];
       T* __restrict a = ws.A[l + 1];
       const int64_t n = int64_t(out) * kTile;
+      if constexpr (kDf) {
 #pragma omp simd
-      for (int64_t k = 0; k < n; ++k) a[k] = ActOp<A, T>::f(z[k]);
+        for (int64_t k = 0; k < n; ++k) {
+          T av, dv;
+          ActFdf<A, T>::run(z[k], av, dv);
+          a[k] = av;
+          z[k] = dv;
+        }
+      } else {
+#pragma omp simd
+        for (int64_t k = 0; k < n; ++k) a[k] = ActOp<A, T>::f(z[k]);
+      }
     }
   }
 }
@@ -204,10 +216,10 @@ inline void weight_grad_tile(const T* __restrict d, const T* __restrict a, int i
   }
 }
 
-// dprev[i][t] = (sum_o W[o][i] d[o][t]) * act'(z[i][t], a[i][t])
-template <typename T, Act A>
-inline void delta_tile(const T* __restrict W, const T* __restrict d, const T* __restrict z,
-                       const T* __restrict a, int in, int out, T* __restrict dprev) {
+// dprev[i][t] = (sum_o W[o][i] d[o][t]) * df[i][t], df the stored derivative (forward_tile)
+template <typename T>
+inline void delta_tile(const T* __restrict W, const T* __restrict d, const T* __restrict df,
+                       int in, int out, T* __restrict dprev) {
   std::fill(dprev, dprev + int64_t(in) * kTile, T(0));
   for (int o = 0; o < out; ++o) {
     const T* dr = d + int64_t(o) * kTile;
@@ -237,7 +249,7 @@ inline void delta_tile(const T* __restrict W, const T* __restrict d, const T* __
   }
   const int64_t n = int64_t(in) * kTile;
 #pragma omp simd
-  for (int64_t k = 0; k < n; ++k) dprev[k] *= ActOp<A, T>::df(z[k], a[k]);
+  for (int64_t k = 0; k < n; ++k) dprev[k] *= df[k];
 }
 
 template <typename T>
@@ -274,7 +286,7 @@ void forward_impl(const MlpParams& p) {
       const int tb = int(std::min<int64_t>(kTile, B - row0));
       const Net<T> net = student_net<T>(p, n);
       load_transposed(x, row0, tb, d_in, ws.A[0]);
-      forward_tile<T, A>(net, ws);
+      forward_tile<T, A, false>(net, ws);
       const T* zl = ws.Z[p.n_linear - 1];
       T* o = out + (int64_t(n) * B + row0) * d_out;
       for (int t = 0; t < tb; ++t)
@@ -334,7 +346,7 @@ void mse_grad_impl(const MlpParams& p) {
         const int64_t row0 = tile * kTile;
         const int tb = int(std::min<int64_t>(kTile, B - row0));
         load_transposed(x, row0, tb, d_in, ws.A[0]);
-        forward_tile<T, A>(net, ws);
+        forward_tile<T, A, true>(net, ws);
         // Output error: delta = scale * (f - y) on the tb real rows, 0 on the padding.
         T* d = ws.d0;
         const T* zl = ws.Z[L - 1];
@@ -357,7 +369,7 @@ void mse_grad_impl(const MlpParams& p) {
           const int in = p.widths[l], out = p.widths[l + 1];
           weight_grad_tile(dcur, ws.A[l], in, out, g + off_w[l], g + off_b[l]);
           if (l > 0) {
-            delta_tile<T, A>(net.w[l], dcur, ws.Z[l - 1], ws.A[l], in, out, dnext);
+            delta_tile(net.w[l], dcur, ws.Z[l - 1], in, out, dnext);
             std::swap(dcur, dnext);
           }
         }
