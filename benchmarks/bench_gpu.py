@@ -214,7 +214,7 @@ EXTRA = {
     "ours_ops": (_ours_ops, 1),
     "ours_v1": (_ours, 1),  # timed under ops.set_cuda_kernel_version(1)
     "ours_v2": (_ours, 1),  # and (2): the default (3) differs at the toy sizes only
-    "ours_v4": (_ours, 1),  # and (4): the one-output toy kernel (the toy rows only differ)
+    "ours_v4": (_ours, 1),  # and (4): the toy kernel per output count (toy rows only)
     "ours_graph": _graphed(_ours),
     "torchpath": (_ours_torchpath, 1),
     "torchpath_graph": _graphed(_ours_torchpath),

@@ -9,7 +9,7 @@ commonest opcodes. A loop is a backward branch; loops inside it are counted in i
     python benchmarks/sass_loops.py --source csrc/cuda/adam.cu adam
 
 Mangled names of the version-3/4 toy kernel: mlp_thin_kernelI<f|d>LNS_3ActE<activation>ELi<D>
-ELi<DO>ELb<kTileBase>, with the activation's number from csrc/common/activations.h (3 = tanh).
+ELi<DO>ELb<kV4>, with the activation's number from csrc/common/activations.h (3 = tanh).
 Needs nvcc and cuobjdump (on the PATH, else the pip package nvidia-cuda-cuobjdump). Counts say
 what a thread issues, not how long it takes: time them on a GPU (benchmarks/gpu_check.sh).
 """

@@ -96,18 +96,7 @@ def test_mlp_cuda_matches_cpu_and_reference(activation, widths, n, b, dtype, ker
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
-@pytest.mark.parametrize(
-    "widths,n,b",
-    [
-        ([10, 80, 1], 3, 1000),
-        ([2, 20, 1], 2, 65),
-        ([13, 50, 1], 2, 97),
-        ([16, 256, 1], 1, 40),
-        ([5, 33, 2], 2, 100),
-        ([9, 20, 3], 2, 77),
-        ([16, 256, 4], 1, 333),
-    ],
-)
+@pytest.mark.parametrize("widths,n,b", [s for s in SHAPES if len(s[0]) == 3])
 def test_mlp_cuda_version_4_equals_version_3(activation, widths, n, b, dtype):
     # Version 4 compiles the toy-size kernel for each output count: other instructions, the same
     # terms in the same order, so the loss and gradients must be bitwise those of version 3.

@@ -767,8 +767,8 @@ __global__ void __launch_bounds__(kThinMaxWidth) mlp_thin_kernel(const Args<T> a
       T yv[DO];
 #pragma unroll
       for (int q = 0; q < DO; ++q) {
-        const int u = tid + q * wp, k = u / TR, t = u % TR;
-        yv[q] = u < DO * TR && k < d_out && t < tb ? yt[t * d_out + k] : T(0);
+        const int u = tid + q * wp, k = u / TR, t = u % TR;  // u < DO * TR: k < d_out
+        yv[q] = u < DO * TR && t < tb ? yt[t * d_out + k] : T(0);
       }
       constexpr int kX = TR * D;
       for (int base = tid; base < kX; base += kLoads * wp) {
