@@ -11,7 +11,8 @@ import pytest
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist
 
-from expand_and_cluster.clustering import ClusterConfig, cluster_layer
+from expand_and_cluster.config import ClusterConfig
+from expand_and_cluster.pipeline.cluster import cluster_layer
 
 
 def planted_layer(m, dim=65, n_students=20, seed=0):

@@ -1,5 +1,6 @@
 """One full training step (loss, gradients, Adam) of N students: ours against the baselines of
-DESIGN.md, in one run. Run: ``pytest benchmarks/bench_training_step.py --benchmark-json out.json``.
+docs/design.md, in one run.
+Run: ``pytest benchmarks/bench_training_step.py --benchmark-json out.json``.
 
 Baselines (all with torch.optim.Adam on the stacked parameters):
 - ``einsum``: the reference formulation, all students in one tensor, one einsum per layer, autograd;
@@ -8,7 +9,7 @@ Baselines (all with torch.optim.Adam on the stacked parameters):
 ``ours``: ops.mlp_mse_grad + ops.adam_step (the CPU fused kernel, or the torch path above
 ops.TORCH_PATH_MIN_LAYER_SIZE). Every implementation is checked against the reference gradients
 before it is timed. Torch runs with its default threads (torch ops are its heavy work here); ours
-runs under training.torch_single_thread as in training (see that function's docstring).
+runs under ops.threads(torch_threads=1) as in training (see that function's docstring).
 """
 
 import platform
@@ -17,7 +18,6 @@ import pytest
 import torch
 
 from expand_and_cluster import ops
-from expand_and_cluster.training import torch_single_thread
 
 # name: (d_in, width, d_out, N, B)
 SIZES = {
@@ -128,7 +128,7 @@ def test_training_step(benchmark, impl, size):
         gflop_per_step=6 * n * b * (d_in * w + w * d_out) / 1e9,
     )
     if impl == "ours":
-        with torch_single_thread(not ops.uses_torch_path([d_in, w, d_out])):
+        with ops.threads(torch_threads=None if ops.uses_torch_path([d_in, w, d_out]) else 1):
             benchmark.pedantic(step, warmup_rounds=3, rounds=15, iterations=1)
     else:
         benchmark.pedantic(step, warmup_rounds=3, rounds=15, iterations=1)

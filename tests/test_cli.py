@@ -1,5 +1,5 @@
 """The command line: user errors exit 2 with one line and no output folder; a run writes
-report.json (DESIGN.md schema), recovered.npz and the figures."""
+report.json (docs/formats.md schema), recovered.npz and the figures."""
 
 import json
 from pathlib import Path
@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from expand_and_cluster.cli import main
-from expand_and_cluster.teacher import load_network, planted_teacher, probe, save_network
+from expand_and_cluster.errors import InputError
+from expand_and_cluster.io.files import load_network, save_network
+from expand_and_cluster.teachers import planted_teacher, probe
 
 FAST = [
     "--students",
@@ -184,8 +186,15 @@ def test_device_auto_resolves_to_what_is_available():
     import torch
 
     from expand_and_cluster import backends
-    from expand_and_cluster.cli import _resolve_device
+    from expand_and_cluster.ops import resolve_device
 
     has_gpu = "cuda" in backends() and torch.cuda.is_available()
-    assert _resolve_device("auto") == ("cuda" if has_gpu else "cpu")
-    assert _resolve_device("cpu") == "cpu" and _resolve_device("cuda") == "cuda"
+    assert resolve_device("auto") == ("cuda" if has_gpu else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    if has_gpu:
+        assert resolve_device("cuda") == "cuda"
+    else:
+        with pytest.raises(InputError, match="--device: cuda requested but"):
+            resolve_device("cuda")
+    with pytest.raises(InputError, match="expected auto, cpu or cuda"):
+        resolve_device("tpu")

@@ -7,7 +7,7 @@ import pytest
 
 from expand_and_cluster.metrics import alignment, bits_of_precision, overhead, relative_mse
 from expand_and_cluster.network import Network
-from expand_and_cluster.teacher import planted_teacher
+from expand_and_cluster.teachers import planted_teacher
 
 
 def _copy_with(net: Network, perm, flip=None, scale=None, activation=None) -> Network:

@@ -18,8 +18,9 @@ scaling                   and s(z) - s(-z) = (1+alpha) z  (1 + alpha) a z for le
 from __future__ import annotations
 
 import enum
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -108,16 +109,21 @@ def _d_g(z, h):
 @dataclass(frozen=True)
 class Activation:
     """One activation: ``name``, ``fn`` (torch, differentiable), ``code`` (the C++ ``eac::Act``
-    value) and ``symmetry`` (its :class:`SymmetryClass`)."""
+    value), ``symmetry`` (its :class:`SymmetryClass`), ``linear_coefficient`` (c in
+    s(z) - s(-z) = c z for the even_linear classes, else 0), ``dfn`` (s'(z) from (z, s(z))),
+    ``init_gain`` (the Kaiming gain of a student's hidden layers: 5/3 tanh, sqrt 2 relu,
+    sqrt(2 / (1 + alpha^2)) leaky_relu, 1 otherwise; torch.nn.init.calculate_gain) and
+    ``df_needs_z`` (whether s' reads the pre-activation z, not only s(z); the C++
+    ``df_needs_z`` in csrc/common/activations.h)."""
 
     name: str
     fn: Callable[[torch.Tensor], torch.Tensor]
     code: int
     symmetry: SymmetryClass
-    #: s(z) - s(-z) = linear_coefficient * z for the even_linear classes, else 0.
     linear_coefficient: float = 0.0
-    #: s'(z) from (z, s(z)), elementwise, same shape and dtype.
     dfn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    init_gain: float = 1.0
+    df_needs_z: bool = True
 
     def derivative(self, z: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         """s'(z), elementwise: a tensor of ``z``'s shape and dtype (``h`` = s(z), same shape,
@@ -137,8 +143,10 @@ _S = SymmetryClass
 ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in (
-        Activation("identity", lambda z: z, 0, _S.ODD, dfn=_d_identity),
-        Activation("relu", F.relu, 1, _S.EVEN_LINEAR_POSITIVE_SCALING, 1.0, _d_relu),
+        Activation("identity", lambda z: z, 0, _S.ODD, dfn=_d_identity, df_needs_z=False),
+        Activation(
+            "relu", F.relu, 1, _S.EVEN_LINEAR_POSITIVE_SCALING, 1.0, _d_relu, math.sqrt(2.0)
+        ),
         Activation(
             "leaky_relu",
             lambda z: F.leaky_relu(z, LEAKY_RELU_SLOPE),
@@ -146,9 +154,12 @@ ACTIVATIONS: dict[str, Activation] = {
             _S.EVEN_LINEAR_POSITIVE_SCALING,
             1.0 + LEAKY_RELU_SLOPE,
             _d_leaky_relu,
+            math.sqrt(2.0 / (1 + LEAKY_RELU_SLOPE**2)),
         ),
-        Activation("tanh", torch.tanh, 3, _S.ODD, dfn=_d_tanh),
-        Activation("sigmoid", torch.sigmoid, 4, _S.ODD_CONSTANT, dfn=_d_sigmoid),
+        Activation(
+            "tanh", torch.tanh, 3, _S.ODD, dfn=_d_tanh, init_gain=5.0 / 3.0, df_needs_z=False
+        ),
+        Activation("sigmoid", torch.sigmoid, 4, _S.ODD_CONSTANT, dfn=_d_sigmoid, df_needs_z=False),
         Activation("softplus", _softplus, 5, _S.EVEN_LINEAR, 1.0, _d_softplus),
         Activation("gelu", F.gelu, 6, _S.EVEN_LINEAR, 1.0, _d_gelu),
         Activation("silu", F.silu, 7, _S.EVEN_LINEAR, 1.0, _d_silu),

@@ -1,5 +1,5 @@
 """Metrics against a known teacher: neuron alignment, width overhead, function error, bits of
-precision (Martinelli et al., ICML 2024, Sec. 4 and docs/METHOD.md, "Metrics").
+precision (Martinelli et al., ICML 2024, Sec. 4 and docs/method.md, "Metrics").
 
 All computations are in float64 numpy.
 """
@@ -32,8 +32,8 @@ def _masked(v: np.ndarray, input_mask: np.ndarray | None, name: str) -> np.ndarr
     return v[:, np.append(mask, True)]
 
 
-def _unit_rows(v: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit norm; zero rows stay zero."""
+def unit_rows(v: np.ndarray) -> np.ndarray:
+    """``v`` ``[k, d]`` with its rows scaled to unit norm (float64); zero rows stay zero."""
     norm = np.linalg.norm(v, axis=1, keepdims=True)
     return np.divide(v, norm, out=np.zeros_like(v), where=norm > 0)
 
@@ -46,7 +46,7 @@ def cosine_distance_matrix(a: np.ndarray, b: np.ndarray, sign_symmetric: bool) -
     distances (1 - u.v loses everything below ~1e-16). A zero row is at distance 1 from
     everything (cos taken as 0).
     """
-    u, w = _unit_rows(a), _unit_rows(b)
+    u, w = unit_rows(a), unit_rows(b)
     out = np.empty((u.shape[0], w.shape[0]))
     for j, row in enumerate(u):  # one row at a time: memory [k_b, d], exact differences
         d = 0.5 * np.sum((w - row) ** 2, axis=1)
@@ -67,7 +67,7 @@ def alignment(
     """How well each teacher neuron is recovered: its cosine distance to the closest recovered one.
 
     d_j = min over recovered neurons s of the cosine distance between the teacher's [w_j; b_j] and
-    the recovered [w_s; b_s] (docs/METHOD.md, "Metrics"): 1 - cos, or 1 - |cos| for activations
+    the recovered [w_s; b_s] (docs/method.md, "Metrics"): 1 - cos, or 1 - |cos| for activations
     with a sign symmetry (every class but ``none``). Positive scaling (relu class) does not
     change a cosine. Inputs outside ``input_mask`` (constant over the queries, so their weights
     are unidentifiable) are left out; the bias is kept.
@@ -141,7 +141,7 @@ def overhead(recovered_sizes: Sequence[int], teacher_sizes: Sequence[int]) -> li
 
 
 def relative_mse(y_pred: np.ndarray, y: np.ndarray) -> float:
-    """Relative mean squared error: MSE / mean over outputs of Var(y) (docs/METHOD.md, Step 1).
+    """Relative mean squared error: MSE / mean over outputs of Var(y) (docs/method.md, Step 1).
 
     MSE is the mean over points and outputs of (y_pred - y)^2; Var is the (population, ddof = 0)
     variance of each output over the points. A predictor that outputs the mean of y scores 1.
@@ -186,7 +186,7 @@ def bits_of_precision(
     3. delta w runs over the matched incoming vectors (inputs outside ``input_mask`` left out, the
        bias kept) and the outgoing weights of the hidden neurons: a flip negates the outgoing
        weights for the ``odd`` and ``odd_constant`` classes and leaves them unchanged for the
-       ``even_linear`` classes (docs/METHOD.md, symmetry table);
+       ``even_linear`` classes (docs/method.md, symmetry table);
     4. the output bias is compared only for the ``none`` and ``odd`` classes: a flip of a sigmoid
        (``odd_constant``) neuron shifts it by the outgoing weight, and for the ``even_linear``
        classes the linear skip term makes the split of constant and linear parts between the

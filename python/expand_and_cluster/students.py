@@ -17,8 +17,6 @@ from . import ops
 from .activations import get_activation
 from .network import Network
 
-_GAINS = {"tanh": 5.0 / 3.0, "relu": math.sqrt(2.0), "leaky_relu": math.sqrt(2.0 / (1 + 0.01**2))}
-
 
 @dataclass
 class StudentEnsemble:
@@ -46,7 +44,8 @@ class StudentEnsemble:
         device: str | torch.device = "cpu",
     ) -> StudentEnsemble:
         """Kaiming-normal initialisation per student (fan-in of one student, not of all N, unlike
-        the reference code), gain of the activation (5/3 tanh, sqrt 2 relu, 1 otherwise), biases 0.
+        the reference code), gain ``Activation.init_gain`` in the hidden layers and 1 in the
+        output layer, biases 0.
 
         Parameters
         ----------
@@ -54,7 +53,7 @@ class StudentEnsemble:
         widths : ``[d_in, h_1, ..., h_L, d_out]``.
         seed : the generator seed (the same seed gives the same students).
         """
-        get_activation(activation)
+        act = get_activation(activation)
         if n_students < 1:
             raise ValueError(f"n_students: expected >= 1, got {n_students}")
         if len(widths) < 3 or any(int(w) < 1 for w in widths):
@@ -63,7 +62,7 @@ class StudentEnsemble:
         ws, bs = [], []
         for l in range(len(widths) - 1):
             fan_in = widths[l]
-            gain = _GAINS.get(activation, 1.0) if l < len(widths) - 2 else 1.0
+            gain = act.init_gain if l < len(widths) - 2 else 1.0
             w = torch.randn(n_students, widths[l + 1], fan_in, generator=gen, dtype=torch.float64)
             ws.append((w * (gain / math.sqrt(fan_in))).to(dtype=dtype, device=device))
             bs.append(torch.zeros(n_students, widths[l + 1], dtype=dtype, device=device))
