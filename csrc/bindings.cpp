@@ -154,8 +154,8 @@ void mlp_mse_grad(const std::vector<int64_t>& w, const std::vector<int64_t>& b,
 void adam_step(const std::vector<int64_t>& params, const std::vector<int64_t>& grads,
                const std::vector<int64_t>& exp_avg, const std::vector<int64_t>& exp_avg_sq,
                const std::vector<int64_t>& numel_per_student, int64_t n_students, int64_t lr,
-               int64_t step, double beta1, double beta2, double eps, double weight_decay,
-               int dtype, int device, int64_t stream) {
+               int64_t step, double beta1, double beta2, double eps, int dtype, int device,
+               int64_t stream) {
   const bool cuda = on_cuda(device, "adam_step");
   const size_t k = params.size();
   if (grads.size() != k || exp_avg.size() != k || exp_avg_sq.size() != k ||
@@ -186,7 +186,6 @@ void adam_step(const std::vector<int64_t>& params, const std::vector<int64_t>& g
   a.beta1 = beta1;
   a.beta2 = beta2;
   a.eps = eps;
-  a.weight_decay = weight_decay;
   a.device = device;
   if (k == 0) return;
 #ifdef EAC_WITH_CUDA
@@ -323,7 +322,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("adam_step", &adam_step, nogil, py::arg("params"), py::arg("grads"), py::arg("exp_avg"),
         py::arg("exp_avg_sq"), py::arg("numel_per_student"), py::arg("n_students"),
         py::arg("lr"), py::arg("step"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
-        py::arg("weight_decay"), py::arg("dtype"), py::arg("device"), py::arg("stream") = 0);
+        py::arg("dtype"), py::arg("device"), py::arg("stream") = 0);
   m.def("cosine_distances", &cosine_distances, nogil, py::arg("v"), py::arg("m"), py::arg("d"),
         py::arg("dtype"), py::arg("absolute"), py::arg("out"), py::arg("device"),
         py::arg("stream") = 0, py::arg("workspace") = 0);

@@ -70,7 +70,7 @@ struct AdamParams {
   void* const* exp_avg_sq = nullptr;
   const void* lr = nullptr;
   const int64_t* step = nullptr;
-  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
   int device = -1;  // CUDA only: the device of every pointer except numel_per_student and the
                     // pointer arrays themselves, which stay on the host
 };
