@@ -3,8 +3,8 @@
 // Pass 1 (one block per row): the row's norm in float64, with the CPU kernel's rescaling by the
 // largest magnitude when the sum of squares would overflow or underflow; it writes a scale and
 // an inverse norm per row to the workspace ([2][M] doubles), so u = v / scale * inv_norm.
-// Pass 2: 32 x 32 tiles of dot products of normalised rows, accumulated in float64 through shared
-// memory (kK columns at a time, each thread 2 x 2 outputs). Only tiles on or above the diagonal are
+// Pass 2: 64 x 64 tiles of dot products of normalised rows, accumulated in float64 through shared
+// memory (kK columns at a time, each thread 4 x 4 outputs). Only tiles on or above the diagonal are
 // computed; each pair i < j is computed once and written to out[i][j] and out[j][i], so the result
 // is exactly symmetric, with 0 on the diagonal and distances clamped at 0.
 #include <cfloat>
@@ -19,10 +19,10 @@ namespace {
 
 using cuda::kThreads;
 
-constexpr int kTile = 32;            // rows (and columns) of an output tile
-constexpr int kK = 16;               // columns of v per shared-memory step
-constexpr int kSub = 16;             // the block is kSub x kSub threads, each 2 x 2 outputs
-constexpr int kPer = kTile / kSub;   // outputs per thread along each axis
+constexpr int kTile = 64;           // rows (and columns) of an output tile
+constexpr int kK = 16;              // columns of v per shared-memory step
+constexpr int kSub = 16;            // the block is kSub x kSub threads, each kPer x kPer outputs
+constexpr int kPer = kTile / kSub;  // outputs per thread along each axis (4)
 static_assert(kSub * kSub == kThreads, "one thread per (row, column) pair of the sub-grid");
 
 __device__ double block_sum(double v, double* red) {
@@ -87,73 +87,16 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T>
-__device__ void load_tile(const T* __restrict v, const double* __restrict norms, int64_t m,
-                          int64_t d, int64_t r0, int64_t k0, double (*s)[kTile + 1]) {
-  for (int idx = threadIdx.x; idx < kTile * kK; idx += blockDim.x) {
-    const int r = idx / kK, k = idx % kK;  // consecutive threads read consecutive columns
-    const int64_t row = r0 + r, col = k0 + k;
-    double u = 0.0;
-    if (row < m && col < d) u = double(v[row * d + col]) / norms[row] * norms[m + row];
-    s[k][r] = u;
-  }
-}
+// Pass 2 (cosine_kernel): each thread's 4 x 4 outputs are rows ty + 16 r and columns tx + 16 c,
+// so each k step reads 8 doubles from shared memory for 16 FMAs. The rows' normalisation factors
+// are staged in shared memory once per tile; load_tile computes u = v * inv when the row needed
+// no rescaling (scale 1, bitwise the same as v / scale * inv), else v / scale * inv.
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    cosine_kernel(const T* __restrict v, int64_t m, int64_t d, const double* __restrict norms,
-                  bool absolute, double* __restrict out) {
-  __shared__ double sa[kK][kTile + 1];  // [k][row of the i tile], padded against bank conflicts
-  __shared__ double sb[kK][kTile + 1];
-  const int tx = threadIdx.x % kSub, ty = threadIdx.x / kSub;
-  const int64_t n_tiles = (m + kTile - 1) / kTile;
-  const int64_t tj = blockIdx.x;
-  for (int64_t ti = blockIdx.y; ti <= tj && ti < n_tiles; ti += gridDim.y) {
-    const int64_t i0 = ti * kTile, j0 = tj * kTile;
-    double acc[kPer][kPer] = {};
-    for (int64_t k0 = 0; k0 < d; k0 += kK) {
-      __syncthreads();  // the previous step is done with sa, sb
-      load_tile(v, norms, m, d, i0, k0, sa);
-      load_tile(v, norms, m, d, j0, k0, sb);
-      __syncthreads();
-      for (int k = 0; k < kK; ++k) {
-        double a[kPer], b[kPer];
-        for (int r = 0; r < kPer; ++r) a[r] = sa[k][ty + kSub * r];
-        for (int c = 0; c < kPer; ++c) b[c] = sb[k][tx + kSub * c];
-        for (int r = 0; r < kPer; ++r)
-          for (int c = 0; c < kPer; ++c) acc[r][c] += a[r] * b[c];
-      }
-    }
-    for (int r = 0; r < kPer; ++r) {
-      const int64_t i = i0 + ty + kSub * r;
-      for (int c = 0; c < kPer; ++c) {
-        const int64_t j = j0 + tx + kSub * c;
-        if (i >= m || j >= m || i > j) continue;
-        if (i == j) {
-          out[i * m + i] = 0.0;
-          continue;
-        }
-        double dist = 1.0 - (absolute ? fabs(acc[r][c]) : acc[r][c]);
-        dist = dist > 0.0 ? dist : 0.0;
-        out[i * m + j] = dist;
-        out[j * m + i] = dist;
-      }
-    }
-  }
-}
-
-// Version 2: 64 x 64 output tiles, each thread 4 x 4 outputs (rows ty + 16 r, columns
-// tx + 16 c), so each k step reads 8 doubles from shared memory for 16 FMAs (version 1: 4 for 4).
-// The rows' normalisation factors are staged in shared memory once per tile; u = v * inv when
-// the row needed no rescaling (scale 1, bitwise the same as v / scale * inv), else v / scale * inv.
-constexpr int kTile2 = 64;
-constexpr int kPer2 = kTile2 / kSub;  // 4
-
-template <typename T>
-__device__ __forceinline__ void load_tile_v2(const T* __restrict v, int64_t m, int64_t d,
+__device__ __forceinline__ void load_tile(const T* __restrict v, int64_t m, int64_t d,
                                              int64_t r0, int64_t k0, const double* sc,
-                                             const double* inv, double (*s)[kTile2 + 1]) {
-  for (int idx = threadIdx.x; idx < kTile2 * kK; idx += blockDim.x) {
+                                             const double* inv, double (*s)[kTile + 1]) {
+  for (int idx = threadIdx.x; idx < kTile * kK; idx += blockDim.x) {
     const int r = idx / kK, k = idx % kK;  // consecutive threads read consecutive columns
     const int64_t row = r0 + r, col = k0 + k;
     double u = 0.0;
@@ -167,52 +110,52 @@ __device__ __forceinline__ void load_tile_v2(const T* __restrict v, int64_t m, i
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    cosine_kernel_v2(const T* __restrict v, int64_t m, int64_t d,
+    cosine_kernel(const T* __restrict v, int64_t m, int64_t d,
                      const double* __restrict norms, bool absolute, double* __restrict out) {
-  __shared__ double sa[kK][kTile2 + 1];
-  __shared__ double sb[kK][kTile2 + 1];
-  __shared__ double fa[2][kTile2], fb[2][kTile2];  // scale, inverse norm of the tiles' rows
+  __shared__ double sa[kK][kTile + 1];
+  __shared__ double sb[kK][kTile + 1];
+  __shared__ double fa[2][kTile], fb[2][kTile];  // scale, inverse norm of the tiles' rows
   const int tx = threadIdx.x % kSub, ty = threadIdx.x / kSub;
-  const int64_t n_tiles = (m + kTile2 - 1) / kTile2;
+  const int64_t n_tiles = (m + kTile - 1) / kTile;
   const int64_t tj = blockIdx.x;
   for (int64_t ti = blockIdx.y; ti <= tj && ti < n_tiles; ti += gridDim.y) {
-    const int64_t i0 = ti * kTile2, j0 = tj * kTile2;
+    const int64_t i0 = ti * kTile, j0 = tj * kTile;
     __syncthreads();  // the previous tile is done with fa, fb
-    for (int r = threadIdx.x; r < kTile2; r += blockDim.x) {
+    for (int r = threadIdx.x; r < kTile; r += blockDim.x) {
       const int64_t i = i0 + r, j = j0 + r;
       fa[0][r] = i < m ? norms[i] : 1.0;
       fa[1][r] = i < m ? norms[m + i] : 0.0;
       fb[0][r] = j < m ? norms[j] : 1.0;
       fb[1][r] = j < m ? norms[m + j] : 0.0;
     }
-    double acc[kPer2][kPer2];
+    double acc[kPer][kPer];
 #pragma unroll
-    for (int r = 0; r < kPer2; ++r)
+    for (int r = 0; r < kPer; ++r)
 #pragma unroll
-      for (int c = 0; c < kPer2; ++c) acc[r][c] = 0.0;
+      for (int c = 0; c < kPer; ++c) acc[r][c] = 0.0;
     for (int64_t k0 = 0; k0 < d; k0 += kK) {
       __syncthreads();  // fa, fb written; the previous step is done with sa, sb
-      load_tile_v2(v, m, d, i0, k0, fa[0], fa[1], sa);
-      load_tile_v2(v, m, d, j0, k0, fb[0], fb[1], sb);
+      load_tile(v, m, d, i0, k0, fa[0], fa[1], sa);
+      load_tile(v, m, d, j0, k0, fb[0], fb[1], sb);
       __syncthreads();
 #pragma unroll
       for (int k = 0; k < kK; ++k) {
-        double x[kPer2], y[kPer2];
+        double x[kPer], y[kPer];
 #pragma unroll
-        for (int r = 0; r < kPer2; ++r) x[r] = sa[k][ty + kSub * r];
+        for (int r = 0; r < kPer; ++r) x[r] = sa[k][ty + kSub * r];
 #pragma unroll
-        for (int c = 0; c < kPer2; ++c) y[c] = sb[k][tx + kSub * c];
+        for (int c = 0; c < kPer; ++c) y[c] = sb[k][tx + kSub * c];
 #pragma unroll
-        for (int r = 0; r < kPer2; ++r)
+        for (int r = 0; r < kPer; ++r)
 #pragma unroll
-          for (int c = 0; c < kPer2; ++c) acc[r][c] += x[r] * y[c];
+          for (int c = 0; c < kPer; ++c) acc[r][c] += x[r] * y[c];
       }
     }
 #pragma unroll
-    for (int r = 0; r < kPer2; ++r) {
+    for (int r = 0; r < kPer; ++r) {
       const int64_t i = i0 + ty + kSub * r;
 #pragma unroll
-      for (int c = 0; c < kPer2; ++c) {
+      for (int c = 0; c < kPer; ++c) {
         const int64_t j = j0 + tx + kSub * c;
         if (i >= m || j >= m || i > j) continue;
         if (i == j) {
@@ -234,16 +177,12 @@ void cosine_impl(const T* v, int64_t m, int64_t d, bool absolute, double* out, d
   const int rows_grid = int(m < cuda::kMaxGridX ? m : cuda::kMaxGridX);
   norms_kernel<T><<<rows_grid, kThreads, 0, stream>>>(v, m, d, norms);
   cuda::check_launch("cosine_distances (cuda): norms");
-  const bool v2 = cuda_kernel_version() >= 2;
-  const int64_t n_tiles = (m + (v2 ? kTile2 : kTile) - 1) / (v2 ? kTile2 : kTile);
+  const int64_t n_tiles = (m + kTile - 1) / kTile;
   if (n_tiles > 0x7fffffff) throw std::invalid_argument("cosine_distances (cuda): M too large");
   // grid.x: the column tile; grid.y: row tiles, strided to respect the grid.y limit.
   const dim3 grid(unsigned(n_tiles), unsigned(n_tiles < cuda::kMaxGridY ? n_tiles
                                                                          : cuda::kMaxGridY));
-  if (v2)
-    cosine_kernel_v2<T><<<grid, kThreads, 0, stream>>>(v, m, d, norms, absolute, out);
-  else
-    cosine_kernel<T><<<grid, kThreads, 0, stream>>>(v, m, d, norms, absolute, out);
+  cosine_kernel<T><<<grid, kThreads, 0, stream>>>(v, m, d, norms, absolute, out);
   cuda::check_launch("cosine_distances (cuda)");
 }
 
