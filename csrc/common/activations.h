@@ -107,6 +107,14 @@ struct ActOp<Act::G, T> {
   }
 };
 
+// Whether the activation's derivative reads the pre-activation z (ActOp<A, T>::df(z, a)) rather
+// than only the activation a = f(z): a kernel that keeps a for the backward pass needs to keep z
+// too only where this is true. Usable at compile time (template arguments, if constexpr) and at
+// run time.
+EAC_HD constexpr bool df_needs_z(Act a) {
+  return !(a == Act::Identity || a == Act::Tanh || a == Act::Sigmoid);
+}
+
 // a = f(z) and d = f'(z) in one pass, for kernels that store the derivative in the forward pass
 // (csrc/cpu/mlp.cpp). Where f and f' share an exponential or erf it is computed once; the values
 // are those of ActOp<A, T>::f and ::df bit for bit (the same operations on the same operands).

@@ -142,15 +142,6 @@ __host__ __device__ inline int thin_group(int n_units, int threads) {
   return G;
 }
 
-// Whether an activation's derivative reads the pre-activation z (else only a = f(z)).
-template <Act A>
-constexpr bool kDfNeedsZ = !(A == Act::Identity || A == Act::Tanh || A == Act::Sigmoid);
-
-inline bool df_needs_z(int activation) {
-  const Act A = static_cast<Act>(activation);
-  return !(A == Act::Identity || A == Act::Tanh || A == Act::Sigmoid);
-}
-
 // Dynamic shared memory of the version-3 kernel: the input tile [kThinRows][D], the targets and
 // the scaled errors [2][kThinMaxOut][kThinRows], the activations (and the pre-activations, for
 // the activations whose derivative reads them) [1 or 2][kThinRows][threads] and the output
@@ -160,7 +151,7 @@ template <typename T>
 size_t thin_smem_bytes(const MlpParams& p) {
   constexpr int TR = kThinRows;
   const size_t threads = size_t(thin_threads(p.widths[1]));
-  const size_t hz = df_needs_z(p.activation) ? 2 : 1;
+  const size_t hz = df_needs_z(static_cast<Act>(p.activation)) ? 2 : 1;
   const size_t G = size_t(thin_group(p.widths[2] * TR, int(threads)));
   const size_t elems = size_t(TR) * thin_d(p.widths[0]) + 2 * size_t(kThinMaxOut) * TR +
                        hz * TR * threads + size_t(p.widths[2]) * TR * (threads + G);
@@ -703,6 +694,7 @@ __global__ void __launch_bounds__(kThinMaxWidth) mlp_thin_kernel(const Args<T> a
   constexpr int TR = kThinRows;
   static_assert(DO >= 1 && DO <= kThinMaxOut, "mlp_thin_kernel: DO out of range");
   static_assert(kV4 || DO == kThinMaxOut, "mlp_thin_kernel: version 3 is compiled for any d_out");
+  constexpr bool kStoreZ = df_needs_z(A);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ double lsum[kThinMaxWidth];   // each thread's loss
   __shared__ T gb2u[kThinMaxOut * TR];     // output-bias gradient per unit (k, t), over the tiles
@@ -725,7 +717,7 @@ __global__ void __launch_bounds__(kThinMaxWidth) mlp_thin_kernel(const Args<T> a
   const int n_units = d_out * TR;
   const int G = thin_group(n_units, wp);
   const int rs = wp + G;
-  T* red = kDfNeedsZ<A> ? zs + TR * wp : zs;  // [d_out][TR][rs]: W2[k][j] h_j[t]
+  T* red = kStoreZ ? zs + TR * wp : zs;  // [d_out][TR][rs]: W2[k][j] h_j[t]
 
   // The neuron's parameters (threads beyond the width copy neuron 0 and write no results).
   const bool active = tid < width;
@@ -817,7 +809,7 @@ __global__ void __launch_bounds__(kThinMaxWidth) mlp_thin_kernel(const Args<T> a
       for (int i = 0; i < D; ++i) z += w1[i] * xv[i];
       const T h = ActOp<A, T>::f(z);
       hs[t * wp + tid] = h;
-      if (kDfNeedsZ<A>) zs[t * wp + tid] = z;
+      if (kStoreZ) zs[t * wp + tid] = z;
       if (active) {
 #pragma unroll
         for (int k = 0; k < DO; ++k)
@@ -858,7 +850,7 @@ __global__ void __launch_bounds__(kThinMaxWidth) mlp_thin_kernel(const Args<T> a
 #pragma unroll
       for (int k = 0; k < DO; ++k) dh += w2[k] * ev[k];
       const T h = hs[t * wp + tid];
-      const T z = kDfNeedsZ<A> ? zs[t * wp + tid] : T(0);
+      const T z = kStoreZ ? zs[t * wp + tid] : T(0);
       const T delta = dh * ActOp<A, T>::df(z, h);
       T xv[D];
       load_row<D>(xs + t * D, xv);
