@@ -285,15 +285,17 @@ void set_num_threads(int n) {
 
 namespace eac {
 namespace {
-std::atomic<int> g_cuda_kernel_version{3};
+std::atomic<int> g_cuda_thin_kernel_variant{0};
 }
-void set_cuda_kernel_version(int version) {
-  if (version < 1 || version > 4)
-    throw std::invalid_argument("set_cuda_kernel_version: expected 1, 2, 3 or 4, got " +
-                                std::to_string(version));
-  g_cuda_kernel_version.store(version);
+void set_cuda_thin_kernel_variant(int variant) {
+  if (variant != 0 && variant != 1)
+    throw std::invalid_argument(
+        "set_cuda_thin_kernel_variant: variant must be 0 (output count tested at run time) or 1 "
+        "(compiled per output count), got " +
+        std::to_string(variant));
+  g_cuda_thin_kernel_variant.store(variant);
 }
-int cuda_kernel_version() { return g_cuda_kernel_version.load(); }
+int cuda_thin_kernel_variant() { return g_cuda_thin_kernel_variant.load(); }
 }  // namespace eac
 
 PYBIND11_MODULE(_C, m) {
@@ -334,6 +336,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("backends", &backends);
   m.def("num_threads", &num_threads);
   m.def("set_num_threads", &set_num_threads);
-  m.def("set_cuda_kernel_version", &eac::set_cuda_kernel_version, py::arg("version"));
-  m.def("cuda_kernel_version", &eac::cuda_kernel_version);
+  m.def("set_cuda_thin_kernel_variant", &eac::set_cuda_thin_kernel_variant, py::arg("variant"));
+  m.def("cuda_thin_kernel_variant", &eac::cuda_thin_kernel_variant);
 }

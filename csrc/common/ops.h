@@ -47,11 +47,17 @@ void mlp_mse_grad_cpu(const MlpParams& p);
 // device memory of at least the bytes the matching *_workspace_bytes(p) returns (which reads
 // p.device, the shapes and the dtype only). Errors throw std::runtime_error with CUDA's message.
 //
-// Kernel variant (process-wide; the CPU kernels ignore it): 2, the default, register-tiled kernels
-// that keep each block's gradient sums in shared memory; 1, the first and simplest kernels, kept
-// as a reference and fallback. Both compute the same sums, in different orders.
-void set_cuda_kernel_version(int version);
-int cuda_kernel_version();
+// The fused MLP kernel is chosen per call from the shapes, the dtype and the device's shared
+// memory (csrc/cuda/mlp.cu): the thin-width kernel for the gradients of one-hidden-layer students
+// with d_in <= 16, width <= 256 and d_out <= 4 when its buffers fit in shared memory; else the
+// tiled kernel when its tile buffers and gradient sums fit there; else the generic kernel.
+//
+// Variant of the thin-width kernel (process-wide, internal: kept until timed on a GPU; the other
+// kernels ignore it): 0, the default, one kernel for every output count, tested at run time; 1, a
+// kernel compiled for each output count. Both give bitwise equal results.
+// set_cuda_thin_kernel_variant throws std::invalid_argument for any other value.
+void set_cuda_thin_kernel_variant(int variant);
+int cuda_thin_kernel_variant();
 size_t mlp_forward_cuda_workspace_bytes(const MlpParams& p);
 void mlp_forward_cuda(const MlpParams& p, void* workspace, size_t workspace_bytes, void* stream);
 size_t mlp_mse_grad_cuda_workspace_bytes(const MlpParams& p);

@@ -8,16 +8,24 @@
 // [features][kStride], and every layer's pre-activations Z and activations A stay in the block's
 // buffers: shared memory when they fit (the toy and digits sizes), else a slice of the global
 // workspace (the same code through generic pointers). The backward pass accumulates the item's
-// weight gradients into its own slice of the workspace ([items][P], no atomics: each gradient
-// entry is owned by one thread of the block); a second kernel sums the chunks of each student in
-// chunk order. The chunk partition depends on the shapes, the dtype and the device's shared
-// memory only, so two calls give bitwise equal results.
+// weight gradients (no atomics: each gradient entry is owned by one thread of the block) and
+// writes them to its own slice of the workspace ([items][P]); a second kernel (reduce_kernel)
+// sums the chunks of each student in chunk order. The kernel and the chunk partition depend on
+// the shapes, the dtype and the device's shared memory only, so two calls give bitwise equal
+// results.
 //
-// Kernel versions (ops.set_cuda_kernel_version): 1 = mlp_kernel, 2 = mlp_kernel_v2 (register
-// tiles, gradient sums in shared memory), 3 (default) = version 2 plus mlp_thin_kernel for the
-// gradients of one-hidden-layer students at the toy sizes (one thread per hidden neuron), 4 =
-// version 3 with that kernel compiled for each output count (1 to 4) and leaner tile loads: the
-// same values, fewer instructions (opt-in until measured on a GPU).
+// The kernel is chosen per call (make_plan), the first that applies:
+// - mlp_thin_width_kernel (gradients only): one hidden layer with d_in <= 16, width <= 256 and
+//   d_out <= 4, its buffers in shared memory; one thread per hidden neuron, which keeps the
+//   neuron's weights and gradient sums in registers. Its own tiles and chunks.
+// - mlp_tiled_kernel: the tile buffers and (with gradients) the block's gradient sums fit in
+//   shared memory together; each thread computes a small register tile of outputs.
+// - mlp_generic_kernel: any shape; one output per thread at a time, the gradient sums in the
+//   workspace, the tile buffers in shared memory or the workspace.
+// The thin-width kernel comes in two variants (set_cuda_thin_kernel_variant, common/ops.h): 0,
+// the default, one kernel for every output count up to 4, tested at run time; 1, a kernel
+// compiled for each output count with leaner tile loads. They load the same values and compute
+// every sum with the same terms in the same order, so their results are bitwise equal.
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
@@ -49,7 +57,7 @@ constexpr size_t kWorkspaceBudget = size_t(256) << 20;
 constexpr size_t kAlign = 256;
 // Shared memory (static + dynamic) a block may use without opting in (cudaFuncSetAttribute).
 constexpr size_t kDefaultSmem = 48 << 10;
-// The kernels' static shared memory: the loss reduction buffer.
+// The generic and tiled kernels' static shared memory: the loss reduction buffer.
 constexpr size_t kStaticSmem = sizeof(double) * kThreads;
 
 inline size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
@@ -72,7 +80,7 @@ struct Args {
   int64_t off_z[kMaxLinearLayers];
   int64_t off_d0, off_d1;
   int64_t scratch;  // elements of T per block
-  int64_t off_g;    // version 2: offset (elements) of the block's gradient sums [P] in shared memory
+  int64_t off_g;    // tiled kernel: offset (elements) of the gradient sums [P] in shared memory
   T* gscratch;      // [items][scratch] in global memory, or nullptr: use shared memory
   // Gradient partials: [items][P], one student's gradient flattened layer by layer (w then b).
   T* part;
@@ -82,18 +90,19 @@ struct Args {
   T scale;  // 2 / (B * d_out)
 };
 
-// Host-side plan of one call: buffer layout, chunking and workspace layout.
+// Host-side plan of one call: kernel, buffer layout, chunking and workspace layout.
 template <typename T>
 struct Plan {
   Args<T> a{};
+  // Generic kernel: tile buffers in shared memory (smem_bytes of dynamic shared memory) or not.
   bool use_shared = false;
-  size_t smem_bytes = 0;  // dynamic shared memory per block
-  // Version 2 runs when the tile buffers and (with gradients) the block's gradient sums fit in
-  // shared memory together; it needs smem_bytes_v2 of dynamic shared memory.
-  bool v2 = false;
-  size_t smem_bytes_v2 = 0;
-  // Version 3 (gradients of one-hidden-layer thin students, mlp_thin_kernel): its own tiles and
-  // chunks, thin_threads threads per block, smem_bytes_thin of dynamic shared memory.
+  size_t smem_bytes = 0;
+  // Tiled kernel: runs when the tile buffers and (with gradients) the block's gradient sums fit in
+  // shared memory together; it needs smem_bytes_tiled of dynamic shared memory.
+  bool tiled = false;
+  size_t smem_bytes_tiled = 0;
+  // Thin-width kernel (gradients of one-hidden-layer thin students): its own tiles and chunks,
+  // thin_threads threads per block, smem_bytes_thin of dynamic shared memory.
   bool thin = false;
   size_t smem_bytes_thin = 0;
   int thin_threads = 0;
@@ -108,19 +117,19 @@ inline int max_optin_smem(int device) {
   return v;
 }
 
-// Version 3 ("thin" students; the kernel and its description are below, mlp_thin_kernel).
-// Rows per tile of the version-3 kernel (three barriers per tile).
+// Sizes of the thin-width kernel (mlp_thin_width_kernel, described below).
+// Rows per tile (three barriers per tile).
 constexpr int kThinRows = 32;
 constexpr int kThinMaxIn = 16;
 constexpr int kThinMaxOut = 4;
 constexpr int kThinMaxWidth = 256;  // threads per block = width rounded up to whole warps
-// Static shared memory of the version-3 kernel (per-thread losses, output-bias sums per unit).
+// Its static shared memory (per-thread losses, output-bias sums per unit).
 constexpr size_t kThinStaticSmem = sizeof(double) * (kThinMaxWidth + kThinMaxOut * kThinRows);
 // Chunks per student: about max(kThinTargetBlocks, kThinTargetWarps / warps per block) blocks over
 // all students, whatever the GPU (the partition must not depend on the device, so that results
-// are the same on every GPU). One-warp blocks (widths up to 32) get more of them: the target of
-// 1,024 (900 blocks at 2-20-1 with 20 students) left an H100's 132 SMs at about 7 resident warps
-// each, latency bound.
+// are the same on every GPU). One-warp blocks (widths up to 32) get more of them: a target of
+// 1,024 (900 blocks at 2-20-1 with 20 students) leaves an H100's 132 SMs at about 7 resident
+// warps each, latency bound.
 constexpr int64_t kThinTargetBlocks = 1024;
 constexpr int64_t kThinTargetWarps = 2048;
 
@@ -134,7 +143,7 @@ inline int thin_d(int d_in) { return d_in <= 4 ? 4 : d_in <= 8 ? 8 : d_in <= 12 
 
 inline int thin_threads(int width) { return (width + 31) / 32 * 32; }
 
-// Threads that sum one output unit (k, t) of the version-3 kernel: G consecutive threads, G a
+// Threads that sum one output unit (k, t) of the thin-width kernel: G consecutive threads, G a
 // power of two (at most 32, so a group lies in one warp), as many as the block's threads allow.
 __host__ __device__ inline int thin_group(int n_units, int threads) {
   int G = 1;
@@ -142,7 +151,7 @@ __host__ __device__ inline int thin_group(int n_units, int threads) {
   return G;
 }
 
-// Dynamic shared memory of the version-3 kernel: the input tile [kThinRows][D], the targets and
+// Dynamic shared memory of the thin-width kernel: the input tile [kThinRows][D], the targets and
 // the scaled errors [2][kThinMaxOut][kThinRows], the activations (and the pre-activations, for
 // the activations whose derivative reads them) [1 or 2][kThinRows][threads] and the output
 // products [d_out][kThinRows][threads + G] (rows padded by the group size G, thin_group, so that
@@ -193,8 +202,8 @@ Plan<T> make_plan(const MlpParams& p, bool grad) {
   }
   a.scratch = cur;
   const size_t scratch_bytes = size_t(cur) * sizeof(T);
-  const size_t static_smem = kStaticSmem;
-  pl.use_shared = scratch_bytes + static_smem <= size_t(max_optin_smem(p.device));
+  const size_t max_smem = size_t(max_optin_smem(p.device));
+  pl.use_shared = scratch_bytes + kStaticSmem <= max_smem;
   pl.smem_bytes = pl.use_shared ? scratch_bytes : 0;
   // Gradient layout.
   a.P = 0;
@@ -208,43 +217,31 @@ Plan<T> make_plan(const MlpParams& p, bool grad) {
     const size_t grad_bytes = grad ? size_t(a.P) * sizeof(T) : 0;
     const size_t g_off = align_up(scratch_bytes);
     a.off_g = int64_t(g_off / sizeof(T));
-    pl.smem_bytes_v2 = g_off + grad_bytes;
-    pl.v2 = cuda_kernel_version() >= 2 &&
-            pl.smem_bytes_v2 + static_smem <= size_t(max_optin_smem(p.device));
+    pl.smem_bytes_tiled = g_off + grad_bytes;
+    pl.tiled = pl.smem_bytes_tiled + kStaticSmem <= max_smem;
   }
-  const int64_t B = p.batch;
-  if (grad && cuda_kernel_version() >= 3 && thin_applies(p)) {
+  if (grad && thin_applies(p)) {
     const size_t smem = thin_smem_bytes<T>(p);
-    if (smem + kThinStaticSmem <= size_t(max_optin_smem(p.device))) {
-      constexpr int TR = kThinRows;
+    if (smem + kThinStaticSmem <= max_smem) {
       pl.thin = true;
-      pl.v2 = false;
+      pl.tiled = false;
       pl.use_shared = true;
       pl.smem_bytes_thin = smem;
       pl.thin_threads = thin_threads(p.widths[1]);
-      const int64_t N = p.n_students;
-      a.n_tiles = (B + TR - 1) / TR;
-      const int64_t target =
-          std::max<int64_t>(kThinTargetBlocks, kThinTargetWarps / (pl.thin_threads / 32));
-      int64_t chunks = std::max<int64_t>(1, std::min((target + N - 1) / N, a.n_tiles));
-      const size_t per_item = size_t(a.P) * sizeof(T) + sizeof(double);
-      const size_t fit = kWorkspaceBudget / (size_t(N) * per_item);
-      chunks = std::max<int64_t>(1, std::min<int64_t>(chunks, int64_t(fit)));
-      a.tiles_per_chunk = a.n_tiles > 0 ? (a.n_tiles + chunks - 1) / chunks : 1;
-      a.n_chunks = a.n_tiles > 0 ? (a.n_tiles + a.tiles_per_chunk - 1) / a.tiles_per_chunk : 0;
-      pl.items = N * a.n_chunks;
-      if (pl.items > int64_t(0x7fffffff))
-        throw std::invalid_argument("mlp (cuda): too many students");
-      pl.part_off = 0;
-      pl.ploss_off = align_up(size_t(pl.items) * size_t(a.P) * sizeof(T));
-      pl.total = align_up(pl.ploss_off + size_t(pl.items) * sizeof(double));
-      a.scale = T(2) / (T(B > 0 ? B : 1) * T(p.widths[L]));
-      return pl;
     }
   }
-  // Chunking.
-  a.n_tiles = (B + kRows - 1) / kRows;
-  int64_t chunks = std::max<int64_t>(1, std::min(kMaxChunks, a.n_tiles));
+  // Chunking: chunks per student before the workspace cap.
+  const int64_t B = p.batch;
+  int64_t chunks;
+  if (pl.thin) {
+    a.n_tiles = (B + kThinRows - 1) / kThinRows;
+    const int64_t target =
+        std::max<int64_t>(kThinTargetBlocks, kThinTargetWarps / (pl.thin_threads / 32));
+    chunks = std::max<int64_t>(1, std::min((target + p.n_students - 1) / p.n_students, a.n_tiles));
+  } else {
+    a.n_tiles = (B + kRows - 1) / kRows;
+    chunks = std::max<int64_t>(1, std::min(kMaxChunks, a.n_tiles));
+  }
   const size_t per_item = (grad ? size_t(a.P) * sizeof(T) + sizeof(double) : 0) +
                           (pl.use_shared ? 0 : scratch_bytes);
   if (per_item > 0) {
@@ -272,136 +269,151 @@ Plan<T> make_plan(const MlpParams& p, bool grad) {
   return pl;
 }
 
-// One block = one (student, chunk) item; see the file comment.
-template <typename T, Act A, bool kGrad>
-__global__ void __launch_bounds__(kThreads) mlp_kernel(const Args<T> a) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ double red[kThreads];
+// ---- Helpers of every kernel: the tiles of the block's item ----------------------------------
+
+// One past the last tile of chunk c (the chunk's tiles are c * tiles_per_chunk, ..., end - 1).
+template <typename T>
+__device__ __forceinline__ int64_t chunk_tile_end(const Args<T>& a, int64_t c) {
+  return (c + 1) * a.tiles_per_chunk < a.n_tiles ? (c + 1) * a.tiles_per_chunk : a.n_tiles;
+}
+
+// Rows of the batch in the tile of R rows that starts at row row0 (fewer than R in the last one).
+template <int R>
+__device__ __forceinline__ int tile_rows(int64_t batch, int64_t row0) {
+  return batch - row0 < R ? int(batch - row0) : R;
+}
+
+// ---- Phases shared by the generic and the tiled kernel ---------------------------------------
+
+// The input tile into A[0], [d_in][kStride], zero rows beyond the batch. Coalesced reads of x rows.
+template <typename T>
+__device__ __forceinline__ void load_input_tile(const Args<T>& a, int64_t row0, int tb, T* buf) {
+  const int d_in = a.widths[0];
+  T* a0 = buf + a.off_a[0];
+  for (int idx = threadIdx.x; idx < d_in * kRows; idx += blockDim.x) {
+    const int t = idx / d_in, i = idx % d_in;
+    a0[i * kStride + t] = t < tb ? a.x[(row0 + t) * d_in + i] : T(0);
+  }
+}
+
+// Layer l's operands in the forward pass of student n.
+template <typename T>
+struct ForwardLayer {
+  int in, out;
+  const T* W;   // the student's weights [out][in]
+  const T* b;   // the student's biases [out]
+  const T* al;  // the layer's input tile A[l], [in][kStride]
+  T* zl;        // its pre-activations Z[l], [out][kStride]
+  bool hidden;  // l + 1 < L
+  T* an;        // A[l + 1] = act(Z[l]) for a hidden layer; nullptr for the output layer
+};
+
+template <typename T>
+__device__ __forceinline__ ForwardLayer<T> forward_layer(const Args<T>& a, int l, int n, T* buf) {
+  ForwardLayer<T> f;
+  f.in = a.widths[l];
+  f.out = a.widths[l + 1];
+  f.W = a.w[l] + int64_t(n) * f.out * f.in;
+  f.b = a.b[l] + int64_t(n) * f.out;
+  f.al = buf + a.off_a[l];
+  f.zl = buf + a.off_z[l];
+  f.hidden = l + 1 < a.n_linear;
+  f.an = f.hidden ? buf + a.off_a[l + 1] : nullptr;
+  return f;
+}
+
+// The output error into D0: delta = scale * (f - y) on the tb real rows, 0 on the padding; the
+// thread's squared residuals are added to loss_acc (in the order of its idx).
+template <typename T>
+__device__ __forceinline__ void output_error(const Args<T>& a, int64_t row0, int tb, T* buf,
+                                             double& loss_acc) {
+  const int d_out = a.widths[a.n_linear];
+  const T* zl = buf + a.off_z[a.n_linear - 1];
+  T* d = buf + a.off_d0;
+  for (int idx = threadIdx.x; idx < d_out * kRows; idx += blockDim.x) {
+    const int j = idx / kRows, t = idx % kRows;
+    const T r = t < tb ? zl[j * kStride + t] - a.y[(row0 + t) * d_out + j] : T(0);
+    d[j * kStride + t] = a.scale * r;
+    loss_acc += double(r) * double(r);
+  }
+}
+
+// gb[o] += sum_{t < tb} d[o][t].
+template <typename T>
+__device__ __forceinline__ void bias_grad(const T* d, int out, int tb, T* gb) {
+  for (int o = threadIdx.x; o < out; o += blockDim.x) {
+    const T* dr = d + o * kStride;
+    T s = T(0);
+    for (int t = 0; t < tb; ++t) s += dr[t];
+    gb[o] += s;
+  }
+}
+
+// The block's loss: the threads' loss_acc summed in a fixed tree order (red: kThreads doubles of
+// shared memory), written to *dst by thread 0.
+__device__ __forceinline__ void block_loss(double loss_acc, double* red, double* dst) {
   const int tid = threadIdx.x;
-  const int64_t item = blockIdx.x;
-  const int n = int(item / a.n_chunks);
-  const int64_t c = item % a.n_chunks;
-  const int L = a.n_linear;
-  const int64_t B = a.batch;
-  const int d_in = a.widths[0], d_out = a.widths[L];
-  T* buf = a.gscratch ? a.gscratch + item * a.scratch : reinterpret_cast<T*>(smem_raw);
-
-  T* g = nullptr;
-  if (kGrad) {
-    g = a.part + item * a.P;
-    for (int64_t k = tid; k < a.P; k += blockDim.x) g[k] = T(0);
-  }
-  double loss_acc = 0.0;
-
-  const int64_t t_end =
-      (c + 1) * a.tiles_per_chunk < a.n_tiles ? (c + 1) * a.tiles_per_chunk : a.n_tiles;
-  for (int64_t tile = c * a.tiles_per_chunk; tile < t_end; ++tile) {
-    const int64_t row0 = tile * kRows;
-    const int tb = B - row0 < kRows ? int(B - row0) : kRows;
-    __syncthreads();  // the previous tile (and the zeroing above) is done with the buffers
-    // Input tile, [d_in][kStride], zero rows beyond the batch. Coalesced reads of x rows.
-    {
-      T* a0 = buf + a.off_a[0];
-      for (int idx = tid; idx < d_in * kRows; idx += blockDim.x) {
-        const int t = idx / d_in, i = idx % d_in;
-        a0[i * kStride + t] = t < tb ? a.x[(row0 + t) * d_in + i] : T(0);
-      }
-    }
-    __syncthreads();
-    // Forward: z[o][t] = b[o] + sum_i W[o][i] a[i][t]; a warp shares o (W broadcast).
-    for (int l = 0; l < L; ++l) {
-      const int in = a.widths[l], out = a.widths[l + 1];
-      const T* W = a.w[l] + int64_t(n) * out * in;
-      const T* bb = a.b[l] + int64_t(n) * out;
-      const T* al = buf + a.off_a[l];
-      T* zl = buf + a.off_z[l];
-      const bool hidden = l + 1 < L;
-      T* an = hidden ? buf + a.off_a[l + 1] : nullptr;
-      for (int idx = tid; idx < out * kRows; idx += blockDim.x) {
-        const int o = idx / kRows, t = idx % kRows;
-        const T* wo = W + int64_t(o) * in;
-        T z = bb[o];
-        for (int i = 0; i < in; ++i) z += wo[i] * al[i * kStride + t];
-        zl[o * kStride + t] = z;
-        if (hidden) an[o * kStride + t] = ActOp<A, T>::f(z);
-        if (!kGrad && !hidden && t < tb) a.out[(int64_t(n) * B + row0 + t) * d_out + o] = z;
-      }
-      __syncthreads();
-    }
-    if (!kGrad) continue;
-    // Output error: delta = scale * (f - y) on the tb real rows, 0 on the padding.
-    {
-      const T* zl = buf + a.off_z[L - 1];
-      T* d = buf + a.off_d0;
-      for (int idx = tid; idx < d_out * kRows; idx += blockDim.x) {
-        const int j = idx / kRows, t = idx % kRows;
-        const T r = t < tb ? zl[j * kStride + t] - a.y[(row0 + t) * d_out + j] : T(0);
-        d[j * kStride + t] = a.scale * r;
-        loss_acc += double(r) * double(r);
-      }
-    }
-    __syncthreads();
-    // Backward.
-    T* dcur = buf + a.off_d0;
-    T* dnext = buf + a.off_d1;
-    for (int l = L - 1; l >= 0; --l) {
-      const int in = a.widths[l], out = a.widths[l + 1];
-      const T* al = buf + a.off_a[l];
-      // gw[o][i] += sum_t d[o][t] a[i][t]; each entry owned by one thread (fixed mapping).
-      T* gw = g + a.off_w[l];
-      for (int idx = tid; idx < out * in; idx += blockDim.x) {
-        const int o = idx / in, i = idx % in;
-        const T* dr = dcur + o * kStride;
-        const T* ar = al + i * kStride;
-        T s = T(0);
-        for (int t = 0; t < tb; ++t) s += dr[t] * ar[t];
-        gw[idx] += s;
-      }
-      T* gb = g + a.off_b[l];
-      for (int o = tid; o < out; o += blockDim.x) {
-        const T* dr = dcur + o * kStride;
-        T s = T(0);
-        for (int t = 0; t < tb; ++t) s += dr[t];
-        gb[o] += s;
-      }
-      if (l > 0) {
-        // dprev[i][t] = (sum_o W[o][i] d[o][t]) * act'(z[i][t], a[i][t])
-        const T* W = a.w[l] + int64_t(n) * out * in;
-        const T* zp = buf + a.off_z[l - 1];
-        for (int idx = tid; idx < in * kRows; idx += blockDim.x) {
-          const int i = idx / kRows, t = idx % kRows;
-          T s = T(0);
-          if (t < tb) {
-            for (int o = 0; o < out; ++o) s += W[int64_t(o) * in + i] * dcur[o * kStride + t];
-            s *= ActOp<A, T>::df(zp[i * kStride + t], al[i * kStride + t]);
-          }
-          dnext[i * kStride + t] = s;
-        }
-        T* tmp = dcur;
-        dcur = dnext;
-        dnext = tmp;
-      }
-      __syncthreads();
-    }
-  }
-  if (!kGrad) return;
-  // The block's loss, summed in a fixed tree order.
   red[tid] = loss_acc;
   __syncthreads();
   for (int s = blockDim.x / 2; s > 0; s >>= 1) {
     if (tid < s) red[tid] += red[tid + s];
     __syncthreads();
   }
-  if (tid == 0) a.ploss[item] = red[0];
+  if (tid == 0) *dst = red[0];
 }
 
-// ---- version 2: register-tiled phases, gradient sums in shared memory ----------------------
+// ---- The generic kernel's phases: one output (or gradient entry) per thread at a time --------
+
+// z[o][t] = b[o] + sum_i W[o][i] a[i][t]; a warp shares o (W broadcast).
+template <typename T, Act A, bool kGrad>
+__device__ __forceinline__ void generic_forward(const Args<T>& a, int l, int n, int64_t row0,
+                                                int tb, T* buf) {
+  const ForwardLayer<T> f = forward_layer(a, l, n, buf);
+  for (int idx = threadIdx.x; idx < f.out * kRows; idx += blockDim.x) {
+    const int o = idx / kRows, t = idx % kRows;
+    const T* wo = f.W + int64_t(o) * f.in;
+    T z = f.b[o];
+    for (int i = 0; i < f.in; ++i) z += wo[i] * f.al[i * kStride + t];
+    f.zl[o * kStride + t] = z;
+    if (f.hidden) f.an[o * kStride + t] = ActOp<A, T>::f(z);
+    if (!kGrad && !f.hidden && t < tb) a.out[(int64_t(n) * a.batch + row0 + t) * f.out + o] = z;
+  }
+}
+
+// gw[o][i] += sum_{t < tb} d[o][t] a[i][t]; each entry owned by one thread (fixed mapping).
+template <typename T>
+__device__ __forceinline__ void generic_weight_grad(const T* d, const T* al, int in, int out,
+                                                    int tb, T* gw) {
+  for (int idx = threadIdx.x; idx < out * in; idx += blockDim.x) {
+    const int o = idx / in, i = idx % in;
+    const T* dr = d + o * kStride;
+    const T* ar = al + i * kStride;
+    T s = T(0);
+    for (int t = 0; t < tb; ++t) s += dr[t] * ar[t];
+    gw[idx] += s;
+  }
+}
+
+// dprev[i][t] = (sum_o W[o][i] d[o][t]) * act'(z[i][t], a[i][t]) for t < tb, 0 on the padding.
+template <typename T, Act A>
+__device__ __forceinline__ void generic_backprop(const T* W, const T* d, const T* zp, const T* ap,
+                                                 int in, int out, int tb, T* dnext) {
+  for (int idx = threadIdx.x; idx < in * kRows; idx += blockDim.x) {
+    const int i = idx / kRows, t = idx % kRows;
+    T s = T(0);
+    if (t < tb) {
+      for (int o = 0; o < out; ++o) s += W[int64_t(o) * in + i] * d[o * kStride + t];
+      s *= ActOp<A, T>::df(zp[i * kStride + t], ap[i * kStride + t]);
+    }
+    dnext[i * kStride + t] = s;
+  }
+}
+
+// ---- The tiled kernel's phases: register tiles -----------------------------------------------
 //
-// Same items, tiles and buffers as mlp_kernel, and the same sums in the same order (each output,
-// gradient entry and back-propagated error is summed over the same index in the same sequence),
-// but each thread computes a small tile of outputs, so one shared-memory read feeds several
-// FMAs, and the block's gradient sums stay in shared memory across its tiles (written to the
-// workspace once, at the end, instead of a global read-modify-write per tile).
+// The same sums as the generic phases, in the same order (each output, gradient entry and
+// back-propagated error is summed over the same index in the same sequence), but each thread
+// computes a small tile of outputs, so one shared-memory read feeds several FMAs.
 //
 // Mappings (u = a thread's work unit, looped with stride blockDim.x):
 // - forward / back-propagation: MO outputs (or MI inputs) x MT rows; rows t = tg + TG j with
@@ -411,17 +423,13 @@ __global__ void __launch_bounds__(kThreads) mlp_kernel(const Args<T> a) {
 //   a warp read rows of distinct features (distinct banks thanks to the odd kStride).
 
 template <typename T, Act A, int MO, int MT, bool kGrad>
-__device__ __forceinline__ void v2_forward(const Args<T>& a, int l, int n, int64_t row0, int tb,
-                                           T* buf) {
+__device__ __forceinline__ void tiled_forward(const Args<T>& a, int l, int n, int64_t row0, int tb,
+                                              T* buf) {
   constexpr int TG = kRows / MT;
-  const int in = a.widths[l], out = a.widths[l + 1];
-  const int L = a.n_linear;
-  const T* __restrict W = a.w[l] + int64_t(n) * out * in;
-  const T* __restrict bb = a.b[l] + int64_t(n) * out;
-  const T* al = buf + a.off_a[l];
-  T* zl = buf + a.off_z[l];
-  const bool hidden = l + 1 < L;
-  T* an = hidden ? buf + a.off_a[l + 1] : nullptr;
+  const ForwardLayer<T> f = forward_layer(a, l, n, buf);
+  const int in = f.in, out = f.out;
+  const T* __restrict W = f.W;
+  const T* __restrict bb = f.b;
   const int OG = (out + MO - 1) / MO;
   for (int u = threadIdx.x; u < OG * TG; u += blockDim.x) {
     const int og = u / TG, tg = u % TG;
@@ -436,7 +444,7 @@ __device__ __forceinline__ void v2_forward(const Args<T>& a, int l, int n, int64
     for (int i = 0; i < in; ++i) {
       T av[MT], wv[MO];
 #pragma unroll
-      for (int j = 0; j < MT; ++j) av[j] = al[i * kStride + tg + TG * j];
+      for (int j = 0; j < MT; ++j) av[j] = f.al[i * kStride + tg + TG * j];
 #pragma unroll
       for (int k = 0; k < MO; ++k) {
         const int o = og + OG * k;
@@ -454,9 +462,9 @@ __device__ __forceinline__ void v2_forward(const Args<T>& a, int l, int n, int64
 #pragma unroll
       for (int j = 0; j < MT; ++j) {
         const int t = tg + TG * j;
-        zl[o * kStride + t] = acc[k][j];
-        if (hidden) an[o * kStride + t] = ActOp<A, T>::f(acc[k][j]);
-        if (!kGrad && !hidden && t < tb)
+        f.zl[o * kStride + t] = acc[k][j];
+        if (f.hidden) f.an[o * kStride + t] = ActOp<A, T>::f(acc[k][j]);
+        if (!kGrad && !f.hidden && t < tb)
           a.out[(int64_t(n) * a.batch + row0 + t) * out + o] = acc[k][j];
       }
     }
@@ -465,8 +473,8 @@ __device__ __forceinline__ void v2_forward(const Args<T>& a, int l, int n, int64
 
 // gw[o][i] += sum_{t < tb} d[o][t] a[i][t] (gw in shared memory, [out][in]).
 template <typename T, int MO, int MI>
-__device__ __forceinline__ void v2_weight_grad(const T* d, const T* al, int in, int out, int tb,
-                                               T* gw) {
+__device__ __forceinline__ void tiled_weight_grad(const T* d, const T* al, int in, int out, int tb,
+                                                  T* gw) {
   const int OG = (out + MO - 1) / MO, IG = (in + MI - 1) / MI;
   for (int u = threadIdx.x; u < OG * IG; u += blockDim.x) {
     const int og = u / IG, ig = u % IG;
@@ -507,8 +515,8 @@ __device__ __forceinline__ void v2_weight_grad(const T* d, const T* al, int in, 
 
 // dprev[i][t] = (sum_o W[o][i] d[o][t]) * act'(z[i][t], a[i][t]) for t < tb, 0 on the padding.
 template <typename T, Act A, int MI, int MT>
-__device__ __forceinline__ void v2_backprop(const T* __restrict W, const T* d, const T* zp,
-                                            const T* ap, int in, int out, int tb, T* dnext) {
+__device__ __forceinline__ void tiled_backprop(const T* __restrict W, const T* d, const T* zp,
+                                               const T* ap, int in, int out, int tb, T* dnext) {
   constexpr int TG = kRows / MT;
   const int IG = (in + MI - 1) / MI;
   for (int u = threadIdx.x; u < IG * TG; u += blockDim.x) {
@@ -546,81 +554,76 @@ __device__ __forceinline__ void v2_backprop(const T* __restrict W, const T* d, c
   }
 }
 
-template <typename T, Act A, bool kGrad>
-__global__ void __launch_bounds__(kThreads) mlp_kernel_v2(const Args<T> a) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ double red[kThreads];
+// ---- mlp_generic_kernel and mlp_tiled_kernel ---------------------------------------------------
+//
+// One block = one (student, chunk) item (see the file comment); the two kernels walk the item
+// alike and differ in their phases (kTiled) and in where the block's gradient sums g live: the
+// generic kernel adds each tile's sums to its slice of the workspace; the tiled kernel keeps them
+// in shared memory across the tiles and copies them to its slice once, at the end. The tiled
+// kernel's buffers are always in shared memory; the generic kernel's are in the workspace
+// (a.gscratch) when they do not fit there.
+template <typename T, Act A, bool kGrad, bool kTiled>
+__device__ __forceinline__ void walk_item(const Args<T>& a, unsigned char* smem, double* red) {
   const int tid = threadIdx.x;
   const int64_t item = blockIdx.x;
   const int n = int(item / a.n_chunks);
   const int64_t c = item % a.n_chunks;
   const int L = a.n_linear;
-  const int64_t B = a.batch;
-  const int d_in = a.widths[0], d_out = a.widths[L];
-  T* buf = reinterpret_cast<T*>(smem_raw);
-  T* g = kGrad ? buf + a.off_g : nullptr;
-  if (kGrad)
+  T* buf = !kTiled && a.gscratch ? a.gscratch + item * a.scratch : reinterpret_cast<T*>(smem);
+  T* g = nullptr;
+  if (kGrad) {
+    g = kTiled ? buf + a.off_g : a.part + item * a.P;
     for (int64_t k = tid; k < a.P; k += blockDim.x) g[k] = T(0);
+  }
   double loss_acc = 0.0;
 
-  const int64_t t_end =
-      (c + 1) * a.tiles_per_chunk < a.n_tiles ? (c + 1) * a.tiles_per_chunk : a.n_tiles;
+  const int64_t t_end = chunk_tile_end(a, c);
   for (int64_t tile = c * a.tiles_per_chunk; tile < t_end; ++tile) {
     const int64_t row0 = tile * kRows;
-    const int tb = B - row0 < kRows ? int(B - row0) : kRows;
-    __syncthreads();
-    {
-      T* a0 = buf + a.off_a[0];
-      for (int idx = tid; idx < d_in * kRows; idx += blockDim.x) {
-        const int t = idx / d_in, i = idx % d_in;
-        a0[i * kStride + t] = t < tb ? a.x[(row0 + t) * d_in + i] : T(0);
-      }
-    }
+    const int tb = tile_rows<kRows>(a.batch, row0);
+    __syncthreads();  // the previous tile (and the zeroing above) is done with the buffers
+    load_input_tile(a, row0, tb, buf);
     __syncthreads();
     for (int l = 0; l < L; ++l) {
-      if (a.widths[l + 1] >= 8)
-        v2_forward<T, A, 4, 2, kGrad>(a, l, n, row0, tb, buf);
-      else
-        v2_forward<T, A, 1, 1, kGrad>(a, l, n, row0, tb, buf);
+      if constexpr (kTiled) {
+        if (a.widths[l + 1] >= 8)
+          tiled_forward<T, A, 4, 2, kGrad>(a, l, n, row0, tb, buf);
+        else
+          tiled_forward<T, A, 1, 1, kGrad>(a, l, n, row0, tb, buf);
+      } else {
+        generic_forward<T, A, kGrad>(a, l, n, row0, tb, buf);
+      }
       __syncthreads();
     }
     if (!kGrad) continue;
-    {
-      const T* zl = buf + a.off_z[L - 1];
-      T* d = buf + a.off_d0;
-      for (int idx = tid; idx < d_out * kRows; idx += blockDim.x) {
-        const int j = idx / kRows, t = idx % kRows;
-        const T r = t < tb ? zl[j * kStride + t] - a.y[(row0 + t) * d_out + j] : T(0);
-        d[j * kStride + t] = a.scale * r;
-        loss_acc += double(r) * double(r);
-      }
-    }
+    output_error(a, row0, tb, buf, loss_acc);
     __syncthreads();
+    // Backward.
     T* dcur = buf + a.off_d0;
     T* dnext = buf + a.off_d1;
     for (int l = L - 1; l >= 0; --l) {
       const int in = a.widths[l], out = a.widths[l + 1];
       const T* al = buf + a.off_a[l];
-      if (out >= 4 && in >= 4)
-        v2_weight_grad<T, 4, 4>(dcur, al, in, out, tb, g + a.off_w[l]);
-      else
-        v2_weight_grad<T, 1, 1>(dcur, al, in, out, tb, g + a.off_w[l]);
-      {
-        T* gb = g + a.off_b[l];
-        for (int o = tid; o < out; o += blockDim.x) {
-          const T* dr = dcur + o * kStride;
-          T s = T(0);
-          for (int t = 0; t < tb; ++t) s += dr[t];
-          gb[o] += s;
-        }
+      if constexpr (kTiled) {
+        if (out >= 4 && in >= 4)
+          tiled_weight_grad<T, 4, 4>(dcur, al, in, out, tb, g + a.off_w[l]);
+        else
+          tiled_weight_grad<T, 1, 1>(dcur, al, in, out, tb, g + a.off_w[l]);
+      } else {
+        generic_weight_grad(dcur, al, in, out, tb, g + a.off_w[l]);
       }
+      bias_grad(dcur, out, tb, g + a.off_b[l]);
       if (l > 0) {
         const T* W = a.w[l] + int64_t(n) * out * in;
         const T* zp = buf + a.off_z[l - 1];
-        if (in >= 8)
-          v2_backprop<T, A, 4, 2>(W, dcur, zp, al, in, out, tb, dnext);
-        else
-          v2_backprop<T, A, 1, 1>(W, dcur, zp, al, in, out, tb, dnext);
+        if constexpr (kTiled) {
+          if (in >= 8)
+            tiled_backprop<T, A, 4, 2>(W, dcur, zp, al, in, out, tb, dnext);
+          else
+            tiled_backprop<T, A, 1, 1>(W, dcur, zp, al, in, out, tb, dnext);
+        } else {
+          generic_backprop<T, A>(W, dcur, zp, al, in, out, tb, dnext);
+        }
         T* tmp = dcur;
         dcur = dnext;
         dnext = tmp;
@@ -629,36 +632,43 @@ __global__ void __launch_bounds__(kThreads) mlp_kernel_v2(const Args<T> a) {
     }
   }
   if (!kGrad) return;
-  // The block's gradient sums to its slice of the workspace (coalesced), and its loss.
-  {
+  if (kTiled) {  // the block's gradient sums to its slice of the workspace (coalesced)
     T* part = a.part + item * a.P;
     for (int64_t k = tid; k < a.P; k += blockDim.x) part[k] = g[k];
   }
-  red[tid] = loss_acc;
-  __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-    if (tid < s) red[tid] += red[tid + s];
-    __syncthreads();
-  }
-  if (tid == 0) a.ploss[item] = red[0];
+  block_loss(loss_acc, red, a.ploss + item);
 }
 
-// ---- version 3: one hidden layer, few inputs and outputs ("thin" students) -----------------
+template <typename T, Act A, bool kGrad>
+__global__ void __launch_bounds__(kThreads) mlp_generic_kernel(const Args<T> a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ double red[kThreads];
+  walk_item<T, A, kGrad, false>(a, smem_raw, red);
+}
+
+template <typename T, Act A, bool kGrad>
+__global__ void __launch_bounds__(kThreads) mlp_tiled_kernel(const Args<T> a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ double red[kThreads];
+  walk_item<T, A, kGrad, true>(a, smem_raw, red);
+}
+
+// ---- mlp_thin_width_kernel: one hidden layer, few inputs and outputs ------------------------
 //
-// At the toy sizes (d_in <= 16, width <= 256, d_out <= 4) a version-2 block idles most of the time:
-// a 32-row tile of an 80-unit layer is only 2,560 products, and the output layer's phases (one
-// output unit) run on one warp. Version 3 maps one thread to one hidden neuron j of one student
-// and walks the block's chunk of the batch in tiles of kThinRows rows. The neuron's incoming
-// weights, bias and outgoing weights stay in registers, and so do its gradient sums over all the
-// rows of the chunk: the weight gradients need no sum across threads inside the block. The only
-// such sum is the network output of each row, sum_j W2[k][j] h_j[t]: each thread writes its
-// products to shared memory, a group of G threads per (output k, row t) adds them in a fixed
+// At the thin sizes (d_in <= 16, width <= 256, d_out <= 4) a tiled-kernel block idles most of the
+// time: a 32-row tile of an 80-unit layer is only 2,560 products, and the output layer's phases
+// (one output unit) run on one warp. This kernel maps one thread to one hidden neuron j of one
+// student and walks the block's chunk of the batch in tiles of kThinRows rows. The neuron's
+// incoming weights, bias and outgoing weights stay in registers, and so do its gradient sums over
+// all the rows of the chunk: the weight gradients need no sum across threads inside the block.
+// The only such sum is the network output of each row, sum_j W2[k][j] h_j[t]: each thread writes
+// its products to shared memory, a group of G threads per (output k, row t) adds them in a fixed
 // order and writes the scaled error back, and every thread then back-propagates it through its
-// own neuron. The tile's inputs and targets are read together, several loads in flight per
-// thread (an earlier variant read each target inside the serial per-output loop and paid one
-// global-memory latency per output: no faster than version 2). The chunk partials go to the
-// workspace ([items][P]) and reduce_kernel sums them in chunk order, as for the other versions:
-// deterministic, no atomics. Threads per block: the width rounded up to whole warps.
+// own neuron. The tile's inputs and targets are read together, several loads in flight per thread
+// (reading each target inside the serial per-output loop would cost one global-memory latency per
+// output). The chunk partials go to the workspace ([items][P]) and reduce_kernel sums them in
+// chunk order, as for the other kernels: deterministic, no atomics. Threads per block: the width
+// rounded up to whole warps.
 
 // Vector loads of D consecutive shared-memory elements (16-byte aligned): a whole warp reads the
 // same address (broadcast), so one 16-byte load feeds 4 (float) or 2 (double) FMAs per thread.
@@ -683,18 +693,19 @@ __device__ __forceinline__ void load_row(const double* p, double (&v)[D]) {
   }
 }
 
-// D: inputs per row as stored (thin_d). DO: output units the kernel is compiled for. Version 3
-// (kV4 false): DO = kThinMaxOut, any d_out up to it, tested at run time. Version 4 (kV4 true):
-// DO == d_out (one kernel per output count), so the per-output loops and tests fold away at
-// compile time; and the tile's loads index from the tile's first row in 32-bit offsets, inputs
-// and targets in separate loops. Both change the instructions only: the values loaded and every
-// sum (its terms and their order) are those of version 3.
-template <typename T, Act A, int D, int DO, bool kV4>
-__global__ void __launch_bounds__(kThinMaxWidth) mlp_thin_kernel(const Args<T> a) {
+// D: inputs per row as stored (thin_d). DO: output units the kernel is compiled for.
+// kStaticOut false (variant 0): DO = kThinMaxOut, any d_out up to it, tested at run time.
+// kStaticOut true (variant 1): DO == d_out (one kernel per output count), so the per-output loops
+// and tests fold away at compile time; and the tile's loads index from the tile's first row in
+// 32-bit offsets, inputs and targets in separate loops. The variants differ in their instructions
+// only: the values loaded and every sum (its terms and their order) are the same.
+template <typename T, Act A, int D, int DO, bool kStaticOut>
+__global__ void __launch_bounds__(kThinMaxWidth) mlp_thin_width_kernel(const Args<T> a) {
   constexpr int TR = kThinRows;
-  static_assert(DO >= 1 && DO <= kThinMaxOut, "mlp_thin_kernel: DO out of range");
-  static_assert(kV4 || DO == kThinMaxOut, "mlp_thin_kernel: version 3 is compiled for any d_out");
   constexpr bool kStoreZ = df_needs_z(A);
+  static_assert(DO >= 1 && DO <= kThinMaxOut, "mlp_thin_width_kernel: DO out of range");
+  static_assert(kStaticOut || DO == kThinMaxOut,
+                "mlp_thin_width_kernel: variant 0 is compiled for DO = kThinMaxOut");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ double lsum[kThinMaxWidth];   // each thread's loss
   __shared__ T gb2u[kThinMaxOut * TR];     // output-bias gradient per unit (k, t), over the tiles
@@ -703,7 +714,7 @@ __global__ void __launch_bounds__(kThinMaxWidth) mlp_thin_kernel(const Args<T> a
   const int n = int(item / a.n_chunks);
   const int64_t c = item % a.n_chunks;
   const int d_in = a.widths[0], width = a.widths[1];
-  const int d_out = kV4 ? DO : a.widths[2];
+  const int d_out = kStaticOut ? DO : a.widths[2];
   const int64_t B = a.batch;
   T* xs = reinterpret_cast<T*>(smem_raw);  // [TR][D], zero beyond d_in and the batch
   T* ys = xs + TR * D;                     // [DO][TR]: targets (written through xs)
@@ -741,17 +752,16 @@ __global__ void __launch_bounds__(kThinMaxWidth) mlp_thin_kernel(const Args<T> a
   for (int u = tid; u < DO * TR; u += wp) gb2u[u] = T(0);
   double loss_acc = 0.0;
 
-  const int64_t t_end =
-      (c + 1) * a.tiles_per_chunk < a.n_tiles ? (c + 1) * a.tiles_per_chunk : a.n_tiles;
+  const int64_t t_end = chunk_tile_end(a, c);
   for (int64_t tile = c * a.tiles_per_chunk; tile < t_end; ++tile) {
     const int64_t row0 = tile * TR;
-    const int tb = B - row0 < TR ? int(B - row0) : TR;
+    const int tb = tile_rows<TR>(B, row0);
     __syncthreads();  // the previous tile is done with xs, ys, errs (and gb2u is zeroed)
     // The tile's inputs and targets into xs and ys (zero beyond d_in, d_out and the batch):
     // kLoads loads in flight per thread before the first store, so a tile costs about one
     // global-memory latency.
     constexpr int kLoads = 4;
-    if constexpr (kV4) {
+    if constexpr (kStaticOut) {
       // Offsets from the tile's first row (int: at most kThinRows rows of kThinMaxIn inputs).
       // The targets first (at most DO per thread: wp >= 32 == TR), held over the input loads.
       const T* xt = a.x + row0 * d_in;
@@ -926,30 +936,41 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(const ReduceArgs<T> r)
   }
 }
 
-// The version-3/4 kernel for D = d stored inputs (thin_d).
-template <typename T, Act A, int DO, bool kV4>
+// The thin-width kernel for D = d stored inputs (thin_d).
+template <typename T, Act A, int DO, bool kStaticOut>
 auto thin_kernel_for(int d) {
-  return d == 4    ? mlp_thin_kernel<T, A, 4, DO, kV4>
-         : d == 8  ? mlp_thin_kernel<T, A, 8, DO, kV4>
-         : d == 12 ? mlp_thin_kernel<T, A, 12, DO, kV4>
-                   : mlp_thin_kernel<T, A, 16, DO, kV4>;
+  return d == 4    ? mlp_thin_width_kernel<T, A, 4, DO, kStaticOut>
+         : d == 8  ? mlp_thin_width_kernel<T, A, 8, DO, kStaticOut>
+         : d == 12 ? mlp_thin_width_kernel<T, A, 12, DO, kStaticOut>
+                   : mlp_thin_width_kernel<T, A, 16, DO, kStaticOut>;
+}
+
+// Launches `kernel` on one block per item of the plan, `threads` threads and smem bytes of dynamic
+// shared memory per block. The default limit of dynamic shared memory is 48 KB minus the kernel's
+// static shared memory (static_smem): the kernel opts in beyond it.
+template <typename T, typename Kernel>
+void launch_items(Kernel kernel, const Plan<T>& pl, int threads, size_t smem, size_t static_smem,
+                  cudaStream_t stream, const char* what) {
+  if (smem + static_smem > kDefaultSmem)
+    cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     int(smem)),
+                "mlp (cuda): cudaFuncSetAttribute");
+  kernel<<<unsigned(pl.items), threads, smem, stream>>>(pl.a);
+  cuda::check_launch(what);
 }
 
 template <typename T, Act A>
 void launch_thin(const Plan<T>& pl, cudaStream_t stream) {
   const int d = thin_d(pl.a.widths[0]), d_out = pl.a.widths[2];
-  const bool v4 = cuda_kernel_version() >= 4;
-  auto kernel = !v4          ? thin_kernel_for<T, A, kThinMaxOut, false>(d)
+  const bool static_out = cuda_thin_kernel_variant() == 1;
+  auto kernel = !static_out  ? thin_kernel_for<T, A, kThinMaxOut, false>(d)
                 : d_out == 1 ? thin_kernel_for<T, A, 1, true>(d)
                 : d_out == 2 ? thin_kernel_for<T, A, 2, true>(d)
                 : d_out == 3 ? thin_kernel_for<T, A, 3, true>(d)
                              : thin_kernel_for<T, A, 4, true>(d);
-  if (pl.smem_bytes_thin + kThinStaticSmem > kDefaultSmem)
-    cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     int(pl.smem_bytes_thin)),
-                "mlp (cuda): cudaFuncSetAttribute");
-  kernel<<<unsigned(pl.items), pl.thin_threads, pl.smem_bytes_thin, stream>>>(pl.a);
-  cuda::check_launch(v4 ? "mlp_mse_grad (cuda, version 4)" : "mlp_mse_grad (cuda, version 3)");
+  launch_items(kernel, pl, pl.thin_threads, pl.smem_bytes_thin, kThinStaticSmem, stream,
+               static_out ? "mlp_mse_grad (cuda, thin-width kernel per output count)"
+                          : "mlp_mse_grad (cuda, thin-width kernel)");
 }
 
 template <typename T, Act A, bool kGrad>
@@ -971,19 +992,15 @@ void launch(const MlpParams& p, void* workspace, size_t workspace_bytes, cudaStr
   a.gscratch = pl.use_shared ? nullptr : reinterpret_cast<T*>(ws + pl.gscratch_off);
   a.part = kGrad ? reinterpret_cast<T*>(ws + pl.part_off) : nullptr;
   a.ploss = kGrad ? reinterpret_cast<double*>(ws + pl.ploss_off) : nullptr;
-  if (kGrad && pl.thin) {
+  const char* what = kGrad ? "mlp_mse_grad (cuda)" : "mlp_forward (cuda)";
+  if (kGrad && pl.thin)
     launch_thin<T, A>(pl, stream);
-  } else {
-    auto kernel = pl.v2 ? mlp_kernel_v2<T, A, kGrad> : mlp_kernel<T, A, kGrad>;
-    const size_t smem = pl.v2 ? pl.smem_bytes_v2 : pl.smem_bytes;
-    // The default dynamic limit is 48 KB minus the static shared memory: opt in beyond it.
-    if (smem + kStaticSmem > kDefaultSmem)
-      cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       int(smem)),
-                  "mlp (cuda): cudaFuncSetAttribute");
-    kernel<<<unsigned(pl.items), kThreads, smem, stream>>>(a);
-    cuda::check_launch(kGrad ? "mlp_mse_grad (cuda)" : "mlp_forward (cuda)");
-  }
+  else if (pl.tiled)
+    launch_items(mlp_tiled_kernel<T, A, kGrad>, pl, kThreads, pl.smem_bytes_tiled, kStaticSmem,
+                 stream, what);
+  else
+    launch_items(mlp_generic_kernel<T, A, kGrad>, pl, kThreads, pl.smem_bytes, kStaticSmem,
+                 stream, what);
   if (!kGrad) return;
   ReduceArgs<T> r{};
   r.n_students = p.n_students;
