@@ -18,7 +18,7 @@ import torch
 from bench_training_step import LOSSES
 from expand_and_cluster import ops
 
-# name: (d_in, width, d_out, N, B), DESIGN.md / issue 3 sizes
+# name: (d_in, width, d_out, N, B), DESIGN.md sizes
 SIZES = {
     "toy-10-80-1-N20-B10000": (10, 80, 1, 20, 10000),
     "toy-2-20-1-N20-B10000": (2, 20, 1, 20, 10000),
@@ -212,9 +212,9 @@ IMPLS = {
 }
 EXTRA = {
     "ours_ops": (_ours_ops, 1),
-    "ours_v1": (_ours, 1),  # timed under ops.set_cuda_kernel_version(1)
-    "ours_v2": (_ours, 1),  # and (2): the default (3) differs at the toy sizes only
-    "ours_v4": (_ours, 1),  # and (4): the toy kernel per output count (toy rows only)
+    # timed under ops.set_cuda_thin_kernel_variant(1): the thin-width kernel compiled per output
+    # count (differs from "ours" at the toy sizes only)
+    "ours_thin1": (_ours, 1),
     "ours_graph": _graphed(_ours),
     "torchpath": (_ours_torchpath, 1),
     "torchpath_graph": _graphed(_ours_torchpath),
@@ -258,16 +258,16 @@ def main(path="bench_gpu.json", *_):
             times[name] = _time(step)
         for name, (make, per) in EXTRA.items():
             ws, bs, x, y = _problem(size, dev)
-            version = ops.cuda_kernel_version()
+            variant = ops.cuda_thin_kernel_variant()
             try:
-                if name[-3:-1] == "_v":
-                    ops.set_cuda_kernel_version(int(name[-1]))
+                if name == "ours_thin1":
+                    ops.set_cuda_thin_kernel_variant(1)
                 step, _ = make(ws, bs, x, y)
                 times[name] = _time(step) / per
             except Exception as e:  # a failed extra row must not lose the table
                 print(f"{size} {name}: failed: {e!r}")
             finally:
-                ops.set_cuda_kernel_version(version)
+                ops.set_cuda_thin_kernel_variant(variant)
         if COMPILE:
             for name in ("einsum", "bmm"):
                 ws, bs, x, y = _problem(size, dev)
@@ -286,22 +286,15 @@ def main(path="bench_gpu.json", *_):
     # cosine distances, M = 20,000, D = 785 (float32 input, float64 output)
     v = torch.randn(20000, 785, device=dev)
     ref = ops.cosine_distances_reference(v)
-    default_version = ops.cuda_kernel_version()
-    for version in (1, 2):
-        ops.set_cuda_kernel_version(version)
-        err = float((ops.cosine_distances(v) - ref).abs().max())
-        assert err < 1e-10, f"cosine_distances v{version}: max error {err:.2e}"
+    err = float((ops.cosine_distances(v) - ref).abs().max())
+    assert err < 1e-10, f"cosine_distances: max error {err:.2e}"
     u = v.double() / v.double().norm(dim=1, keepdim=True)
     t_ours = _time(lambda: ops.cosine_distances(v))
-    ops.set_cuda_kernel_version(1)
-    t_ours_v1 = _time(lambda: ops.cosine_distances(v))
-    ops.set_cuda_kernel_version(default_version)
     t_mm = _time(lambda: u @ u.T)
     u32 = u.float()
     t_mm32 = _time(lambda: u32 @ u32.T)
     results["cosine-M20000-D785"] = {
         "ours": t_ours,
-        "ours_v1": t_ours_v1,
         "matmul_f64": t_mm,
         "matmul_f32": t_mm32,
     }
@@ -320,9 +313,7 @@ def main(path="bench_gpu.json", *_):
         k
         for k in (
             "ours_ops",
-            "ours_v1",
-            "ours_v2",
-            "ours_v4",
+            "ours_thin1",
             "ours_graph",
             "torchpath",
             "torchpath_graph",
@@ -340,7 +331,7 @@ def main(path="bench_gpu.json", *_):
         print(f"{size:32s} {cells}  {t['gflops_ours']:.0f}/{t['gflops_cublas_products']:.0f}")
     print(
         f"{'cosine M=20000 D=785':32s} {t_ours:8.3f}   torch f64 matmul {t_mm:8.3f}   "
-        f"ratio {t_ours / t_mm:.2f}   (f32 matmul {t_mm32:.3f}; ours v1 {t_ours_v1:.3f})"
+        f"ratio {t_ours / t_mm:.2f}   (f32 matmul {t_mm32:.3f})"
     )
     try:
         results["train-loop-toy-10-80-1-N20-B10000"] = loop = _train_loop()
@@ -348,7 +339,7 @@ def main(path="bench_gpu.json", *_):
             "training loop (train_students, full batch, ms per epoch): losses read back every "
             f"epoch {loop['sync_every_1']:.4f}, every 16 epochs {loop['sync_every_16']:.4f} "
             f"(ratio {loop['sync_every_1'] / loop['sync_every_16']:.2f}); every 16 epochs with "
-            f"kernel version 4 {loop['sync_every_16_v4']:.4f}"
+            f"thin-width kernel variant 1 {loop['sync_every_16_thin1']:.4f}"
         )
     except Exception as e:  # a failed extra row must not lose the table
         print(f"training loop: failed: {e!r}")
@@ -370,11 +361,11 @@ def _train_loop(size="toy-10-80-1-N20-B10000", epochs=300):
     x = torch.randn(b, d_in, generator=g)
     y = torch.tanh(x @ torch.randn(d_in, 4, generator=g)) @ torch.randn(4, d_out, generator=g)
     out = {}
-    version = ops.cuda_kernel_version()
-    # each twice, the first as warm-up; then every 16 epochs under kernel version 4
+    variant = ops.cuda_thin_kernel_variant()
+    # each twice, the first as warm-up; then every 16 epochs under thin-width kernel variant 1
     try:
-        for k, v in ((1, version), (16, version), (1, version), (16, version), (16, 4)):
-            ops.set_cuda_kernel_version(v)
+        for k, v in ((1, variant), (16, variant), (1, variant), (16, variant), (16, 1)):
+            ops.set_cuda_thin_kernel_variant(v)
             cfg = TrainConfig(
                 n_students=n, max_epochs=epochs, target_relative_mse=0.0, min_lr=0.0,
                 progress=False, sync_every=k,
@@ -383,10 +374,10 @@ def _train_loop(size="toy-10-80-1-N20-B10000", epochs=300):
             t0 = time.perf_counter()
             train_students(x, y, [width], "tanh", cfg, "cuda")
             torch.cuda.synchronize()
-            key = f"sync_every_{k}" + ("" if v == version else f"_v{v}")
+            key = f"sync_every_{k}" + ("" if v == variant else f"_thin{v}")
             out[key] = (time.perf_counter() - t0) / epochs * 1e3
     finally:
-        ops.set_cuda_kernel_version(version)
+        ops.set_cuda_thin_kernel_variant(variant)
     return out
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check (issue 3): on a GPU machine with nothing but the repo, build the package with the CUDA
+# GPU check: on a GPU machine with nothing but the repo, build the package with the CUDA
 # backend, run the CUDA tests, the GPU benchmarks, the demo on the GPU and compute-sanitizer
 # (memcheck, racecheck) on one call of each CUDA op. Prints one table at the end.
 #
@@ -85,7 +85,7 @@ run_step demo "$T_DEMO" "$site/bin/expand-and-cluster" demo --device cuda --quie
   --out "$work/demo"
 cp "$work/demo/report.json" "$out/demo_report.json" 2>/dev/null || true
 
-# The small identifiability suite with students on the GPU (issue 5's GPU wall time; not in the
+# The small identifiability suite with students on the GPU (its GPU wall time; not in the
 # default steps): STEPS="... suite", SUITE (default benchmarks/suites/small.json), SUITE_JOBS,
 # SUITE_ARGS (more bench arguments, e.g. "--select rho=4").
 run_step suite "${T_SUITE:-300}" "$site/bin/expand-and-cluster" bench \
@@ -99,8 +99,8 @@ import torch
 from expand_and_cluster import ops
 ops.CUDA_TORCH_PATH_MIN_LAYER_SIZE = 10**9  # the fused kernel at every size below
 dev = "cuda"
-for version, dtype in [(v, t) for v in (1, 2, 3, 4) for t in (torch.float32, torch.float64)]:
-    ops.set_cuda_kernel_version(version)
+for variant, dtype in [(v, t) for v in (0, 1) for t in (torch.float32, torch.float64)]:
+    ops.set_cuda_thin_kernel_variant(variant)
     g = torch.Generator().manual_seed(0)
     widths = [5, 33, 17, 3]
     ws = [torch.randn(3, widths[l + 1], widths[l], generator=g).to(dev, dtype) for l in range(3)]
@@ -109,7 +109,7 @@ for version, dtype in [(v, t) for v in (1, 2, 3, 4) for t in (torch.float32, tor
     y = torch.randn(70, 3, generator=g).to(dev, dtype)
     ops.mlp_forward(ws, bs, x, "gelu")
     loss, gw, gb = ops.mlp_mse_grad(ws, bs, x, y, "tanh")
-    # one hidden layer, toy size (version 3's thin kernel), a partial last tile
+    # one hidden layer, toy size (the thin-width kernel), a partial last tile
     thin = [torch.randn(3, 40, 10, generator=g).to(dev, dtype),
             torch.randn(3, 1, 40, generator=g).to(dev, dtype)]
     thinb = [torch.randn(3, 40, generator=g).to(dev, dtype),
@@ -138,11 +138,11 @@ for tool in memcheck racecheck; do
     "$py" "$work/one_call_each.py"
 done
 
-# Nsight Compute on the toy gradient kernel, versions 3 and 4 (not in the default steps:
+# Nsight Compute on the thin-width gradient kernel, variants 0 and 1 (not in the default steps:
 # STEPS="... ncu"): instructions executed, issue-slot use, occupancy and warp stalls of one
 # 10-80-1 call (N 20, B 10,000, float32, tanh) each, to check the static counts of
 # benchmarks/sass_loops.py. --clock-control none leaves the GPU's clocks as they are.
-cat >"$work/toy_versions.py" <<'PY'
+cat >"$work/thin_variants.py" <<'PY'
 import torch
 from expand_and_cluster import ops
 g = torch.Generator().manual_seed(0)
@@ -150,15 +150,15 @@ ws = [torch.randn(20, 80, 10, generator=g).cuda(), torch.randn(20, 1, 80, genera
 bs = [torch.randn(20, 80, generator=g).cuda(), torch.randn(20, 1, generator=g).cuda()]
 x = torch.randn(10000, 10, generator=g).cuda()
 y = torch.randn(10000, 1, generator=g).cuda()
-for version in (3, 4):
-    ops.set_cuda_kernel_version(version)
+for variant in (0, 1):
+    ops.set_cuda_thin_kernel_variant(variant)
     ops.mlp_mse_grad(ws, bs, x, y, "tanh")
 torch.cuda.synchronize()
 PY
-run_step ncu "${T_NCU:-120}" ncu --clock-control none -k regex:mlp_thin_kernel -c 2 \
+run_step ncu "${T_NCU:-120}" ncu --clock-control none -k regex:mlp_thin_width_kernel -c 2 \
   --section SpeedOfLight --section SchedulerStats --section WarpStateStats \
   --section Occupancy --section InstructionStats --metrics smsp__inst_executed.sum \
-  "$py" "$work/toy_versions.py"
+  "$py" "$work/thin_variants.py"
 
 echo
 echo "================ gpu_check summary ================"

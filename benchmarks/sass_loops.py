@@ -5,11 +5,14 @@ every loop of the kernels whose (mangled) name contains PATTERN, its address ran
 instructions (one pass of the body as compiled, so an unrolled body counts all its copies) and the
 commonest opcodes. A loop is a backward branch; loops inside it are counted in it too.
 
-    python benchmarks/sass_loops.py mlp_thin_kernelIfLNS_3ActE3ELi12ELi1ELb1
+    python benchmarks/sass_loops.py mlp_thin_width_kernelIfLNS_3ActE3ELi12ELi1ELb1
     python benchmarks/sass_loops.py --source csrc/cuda/adam.cu adam
 
-Mangled names of the version-3/4 toy kernel: mlp_thin_kernelI<f|d>LNS_3ActE<activation>ELi<D>
-ELi<DO>ELb<kV4>, with the activation's number from csrc/common/activations.h (3 = tanh).
+Mangled names of the thin-width kernel: mlp_thin_width_kernelI<f|d>LNS_3ActE<activation>ELi<D>
+ELi<DO>ELb<kStaticOut>, with the activation's number from csrc/common/activations.h (3 = tanh),
+D the stored inputs per row (4, 8, 12 or 16), DO the output count it is compiled for and
+kStaticOut 1 for variant 1 (compiled per output count), 0 for variant 0 (DO = 4). The other MLP
+kernels: mlp_generic_kernel and mlp_tiled_kernel (I<f|d>LNS_3ActE<activation>ELb<gradient>).
 Needs nvcc and cuobjdump (on the PATH, else the pip package nvidia-cuda-cuobjdump). Counts say
 what a thread issues, not how long it takes: time them on a GPU (benchmarks/gpu_check.sh).
 """
