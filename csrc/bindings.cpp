@@ -53,9 +53,8 @@ eac::MlpParams make_mlp_params(const std::vector<int64_t>& w, const std::vector<
   eac::MlpParams p;
   const size_t n_linear = w.size();
   if (n_linear < 1 || n_linear > static_cast<size_t>(eac::kMaxLinearLayers))
-    throw std::invalid_argument("weights: expected 1 to " +
-                                std::to_string(eac::kMaxLinearLayers) + " layers, got " +
-                                std::to_string(n_linear));
+    throw std::invalid_argument("weights: expected 1 to " + std::to_string(eac::kMaxLinearLayers) +
+                                " layers, got " + std::to_string(n_linear));
   if (b.size() != n_linear)
     throw std::invalid_argument("biases: expected one per weight (" + std::to_string(n_linear) +
                                 "), got " + std::to_string(b.size()));
@@ -124,8 +123,8 @@ int64_t mlp_workspace_bytes(const std::vector<int64_t>& widths, int64_t n_studen
 }
 
 void mlp_mse_grad(const std::vector<int64_t>& w, const std::vector<int64_t>& b,
-                  const std::vector<int64_t>& widths, int64_t n_students, int64_t batch,
-                  int64_t x, int64_t y, int64_t loss, const std::vector<int64_t>& gw,
+                  const std::vector<int64_t>& widths, int64_t n_students, int64_t batch, int64_t x,
+                  int64_t y, int64_t loss, const std::vector<int64_t>& gw,
                   const std::vector<int64_t>& gb, int activation, int dtype, int device,
                   int64_t stream, int64_t workspace, int64_t workspace_bytes) {
   const bool cuda = on_cuda(device, "mlp_mse_grad");
@@ -142,8 +141,7 @@ void mlp_mse_grad(const std::vector<int64_t>& w, const std::vector<int64_t>& b,
   p.device = device;
 #ifdef EAC_WITH_CUDA
   if (cuda) {
-    eac::mlp_mse_grad_cuda(p, as_workspace(workspace), size_t(workspace_bytes),
-                           as_stream(stream));
+    eac::mlp_mse_grad_cuda(p, as_workspace(workspace), size_t(workspace_bytes), as_stream(stream));
     return;
   }
 #endif
@@ -219,9 +217,9 @@ void cosine_distances(int64_t v, int64_t m, int64_t d, int dtype, bool absolute,
 
 // state: the pointers of lr, best, bad, cool, live, rel, epochs, code, diverged (ops.h's order).
 void plateau_step(int64_t n_students, int64_t epoch, int64_t loss,
-                  const std::vector<int64_t>& state, int64_t step_lr, int step_dtype,
-                  double var_y, int64_t patience, int64_t cooldown, double factor, double target,
-                  double min_lr, int device, int64_t stream) {
+                  const std::vector<int64_t>& state, int64_t step_lr, int step_dtype, double var_y,
+                  int64_t patience, int64_t cooldown, double factor, double target, double min_lr,
+                  int device, int64_t stream) {
   const bool cuda = on_cuda(device, "plateau_step");
   if (n_students < 1) throw std::invalid_argument("plateau_step: n_students must be >= 1");
   if (state.size() != 9)
@@ -315,16 +313,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("workspace") = 0, py::arg("workspace_bytes") = 0);
   m.def("mlp_mse_grad", &mlp_mse_grad, nogil, py::arg("w"), py::arg("b"), py::arg("widths"),
         py::arg("n_students"), py::arg("batch"), py::arg("x"), py::arg("y"), py::arg("loss"),
-        py::arg("gw"), py::arg("gb"), py::arg("activation"), py::arg("dtype"),
-        py::arg("device"), py::arg("stream") = 0, py::arg("workspace") = 0,
-        py::arg("workspace_bytes") = 0);
+        py::arg("gw"), py::arg("gb"), py::arg("activation"), py::arg("dtype"), py::arg("device"),
+        py::arg("stream") = 0, py::arg("workspace") = 0, py::arg("workspace_bytes") = 0);
   m.def("mlp_workspace_bytes", &mlp_workspace_bytes, nogil, py::arg("widths"),
         py::arg("n_students"), py::arg("batch"), py::arg("activation"), py::arg("dtype"),
         py::arg("device"), py::arg("grad"));
   m.def("adam_step", &adam_step, nogil, py::arg("params"), py::arg("grads"), py::arg("exp_avg"),
-        py::arg("exp_avg_sq"), py::arg("numel_per_student"), py::arg("n_students"),
-        py::arg("lr"), py::arg("step"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
-        py::arg("dtype"), py::arg("device"), py::arg("stream") = 0);
+        py::arg("exp_avg_sq"), py::arg("numel_per_student"), py::arg("n_students"), py::arg("lr"),
+        py::arg("step"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("dtype"),
+        py::arg("device"), py::arg("stream") = 0);
   m.def("cosine_distances", &cosine_distances, nogil, py::arg("v"), py::arg("m"), py::arg("d"),
         py::arg("dtype"), py::arg("absolute"), py::arg("out"), py::arg("device"),
         py::arg("stream") = 0, py::arg("workspace") = 0);

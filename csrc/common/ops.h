@@ -30,10 +30,10 @@ struct MlpParams {
   int device = -1;  // CUDA device index of every pointer (CUDA entry points only)
   const void* w[kMaxLinearLayers] = {};
   const void* b[kMaxLinearLayers] = {};
-  const void* x = nullptr;  // [B, d_in]
-  const void* y = nullptr;  // [B, d_out] (mse_grad only)
-  void* out = nullptr;      // [N, B, d_out] (forward only)
-  void* loss = nullptr;     // [N] (mse_grad only)
+  const void* x = nullptr;          // [B, d_in]
+  const void* y = nullptr;          // [B, d_out] (mse_grad only)
+  void* out = nullptr;              // [N, B, d_out] (forward only)
+  void* loss = nullptr;             // [N] (mse_grad only)
   void* gw[kMaxLinearLayers] = {};  // like w (mse_grad only)
   void* gb[kMaxLinearLayers] = {};  // like b (mse_grad only)
 };

@@ -4,7 +4,8 @@
 // defined. We want those vector calls inside `#pragma omp simd` loops without -ffast-math (which
 // would also drop NaN/Inf semantics), so we define the macro ourselves before <cmath> is seen and
 // compile with -fno-math-errno. libmvec functions are accurate to a few ulp in float and double.
-// libm.so links libmvec as needed, so no extra link flag is required. Other C libraries ignore this.
+// libm.so links libmvec as needed, so no extra link flag is required. Other C libraries ignore
+// this.
 #pragma once
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__FAST_MATH__) && \
     !defined(__CUDACC__)

@@ -28,7 +28,8 @@ void adam_impl(const AdamParams& a) {
   constexpr double kMinParallelWork = 1e5;
   double work = 0;
   for (int k = 0; k < a.n_tensors; ++k) work += double(a.numel_per_student[k]) * a.n_students;
-#pragma omp parallel for schedule(static) if (total > 1 && work > kMinParallelWork) num_threads(kernel_threads())
+#pragma omp parallel for schedule(static) if (total > 1 && work > kMinParallelWork) \
+    num_threads(kernel_threads())
   for (int64_t job = 0; job < total; ++job) {
     const int k = static_cast<int>(job / a.n_students);
     const int n = static_cast<int>(job % a.n_students);

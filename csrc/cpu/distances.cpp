@@ -44,8 +44,8 @@ void normalise_row(const T* src, int64_t d, double* dst, int lane) {
     const double x = static_cast<double>(src[k]);
     ss += x * x;
   }
-  if (ss == 0.0 || !(ss >= std::numeric_limits<double>::min() &&
-                     ss <= std::numeric_limits<double>::max())) {
+  if (ss == 0.0 ||
+      !(ss >= std::numeric_limits<double>::min() && ss <= std::numeric_limits<double>::max())) {
     double amax = 0.0;
     for (int64_t k = 0; k < d; ++k) amax = std::max(amax, std::abs(static_cast<double>(src[k])));
     if (amax == 0.0) return;  // a zero row

@@ -160,16 +160,16 @@ void symmetrize(double* d, int64_t s, const int64_t* born, const int64_t* fresh)
 struct Chain {
   double* d;
   int64_t s;
-  std::vector<int64_t> orig;   // slot -> original index of the cluster's representative leaf
-  std::vector<int64_t> size;   // slot -> cluster size, 0 once retired
-  std::vector<double> mask;    // slot -> 0 while active, +inf once retired
-  std::vector<int64_t> born;   // slot -> merge count when its cluster was formed
-  std::vector<int64_t> fresh;  // slot -> merge count when its row was last complete
-  std::vector<int64_t> log;    // log[t] = slot of the cluster formed by merge t (-1: retired)
-  std::vector<int64_t> act;    // active slots, in no particular order
-  std::vector<int64_t> pos;    // slot -> position in act
-  std::vector<int64_t> chain;  // the nearest-neighbour chain (slots)
-  std::vector<int64_t> remap;  // scratch for compaction
+  std::vector<int64_t> orig;     // slot -> original index of the cluster's representative leaf
+  std::vector<int64_t> size;     // slot -> cluster size, 0 once retired
+  std::vector<double> mask;      // slot -> 0 while active, +inf once retired
+  std::vector<int64_t> born;     // slot -> merge count when its cluster was formed
+  std::vector<int64_t> fresh;    // slot -> merge count when its row was last complete
+  std::vector<int64_t> log;      // log[t] = slot of the cluster formed by merge t (-1: retired)
+  std::vector<int64_t> act;      // active slots, in no particular order
+  std::vector<int64_t> pos;      // slot -> position in act
+  std::vector<int64_t> chain;    // the nearest-neighbour chain (slots)
+  std::vector<int64_t> remap;    // scratch for compaction
   std::vector<int64_t> scratch;  // stale columns in refresh()
   int64_t n_act = 0, chain_len = 0;
   int64_t now = 0;    // merges done
@@ -372,8 +372,7 @@ void average_linkage_cpu(double* dist, int64_t m, double* z) {
   std::stable_sort(order.begin(), order.end(), [&merges](int64_t a, int64_t b) {
     return merges[4 * a + 2] < merges[4 * b + 2];
   });
-  for (int64_t i = 0; i < m - 1; ++i)
-    std::copy_n(merges.begin() + 4 * order[i], 4, z + 4 * i);
+  for (int64_t i = 0; i < m - 1; ++i) std::copy_n(merges.begin() + 4 * order[i], 4, z + 4 * i);
   label(z, m);
 }
 

@@ -101,8 +101,8 @@ inline void load_transposed(const T* src, int64_t row0, int tb, int cols, T* dst
 // z[o][:] = b[o] + sum_i W[o][i] a[i][:], four output rows at a time (each a[i] row loaded once
 // per four FMAs).
 template <typename T>
-inline void dense_tile(const T* __restrict W, const T* __restrict b, const T* __restrict a,
-                       int in, int out, T* __restrict z) {
+inline void dense_tile(const T* __restrict W, const T* __restrict b, const T* __restrict a, int in,
+                       int out, T* __restrict z) {
   int o = 0;
   for (; o + 4 <= out; o += 4) {
     T* z0 = z + int64_t(o) * kTile;
@@ -218,8 +218,8 @@ inline void weight_grad_tile(const T* __restrict d, const T* __restrict a, int i
 
 // dprev[i][t] = (sum_o W[o][i] d[o][t]) * df[i][t], df the stored derivative (forward_tile)
 template <typename T>
-inline void delta_tile(const T* __restrict W, const T* __restrict d, const T* __restrict df,
-                       int in, int out, T* __restrict dprev) {
+inline void delta_tile(const T* __restrict W, const T* __restrict d, const T* __restrict df, int in,
+                       int out, T* __restrict dprev) {
   std::fill(dprev, dprev + int64_t(in) * kTile, T(0));
   for (int o = 0; o < out; ++o) {
     const T* dr = d + int64_t(o) * kTile;

@@ -20,8 +20,8 @@ namespace {
 template <typename T>
 __global__ void __launch_bounds__(cuda::kThreads)
     adam_kernel(T* __restrict p, const T* __restrict g, T* __restrict m, T* __restrict v,
-                const T* __restrict lr, const int64_t* __restrict step, int64_t len,
-                int n_students, double beta1, double beta2, double eps) {
+                const T* __restrict lr, const int64_t* __restrict step, int64_t len, int n_students,
+                double beta1, double beta2, double eps) {
   const T b1 = T(beta1), b2 = T(beta2), e = T(eps);
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   // grid.y strides over the students ([N, len]: row n is student n), grid.x over a row: the

@@ -93,9 +93,9 @@ __global__ void __launch_bounds__(kThreads)
 // no rescaling (scale 1, bitwise the same as v / scale * inv), else v / scale * inv.
 
 template <typename T>
-__device__ __forceinline__ void load_tile(const T* __restrict v, int64_t m, int64_t d,
-                                             int64_t r0, int64_t k0, const double* sc,
-                                             const double* inv, double (*s)[kTile + 1]) {
+__device__ __forceinline__ void load_tile(const T* __restrict v, int64_t m, int64_t d, int64_t r0,
+                                          int64_t k0, const double* sc, const double* inv,
+                                          double (*s)[kTile + 1]) {
   for (int idx = threadIdx.x; idx < kTile * kK; idx += blockDim.x) {
     const int r = idx / kK, k = idx % kK;  // consecutive threads read consecutive columns
     const int64_t row = r0 + r, col = k0 + k;
@@ -110,8 +110,8 @@ __device__ __forceinline__ void load_tile(const T* __restrict v, int64_t m, int6
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    cosine_kernel(const T* __restrict v, int64_t m, int64_t d,
-                     const double* __restrict norms, bool absolute, double* __restrict out) {
+    cosine_kernel(const T* __restrict v, int64_t m, int64_t d, const double* __restrict norms,
+                  bool absolute, double* __restrict out) {
   __shared__ double sa[kK][kTile + 1];
   __shared__ double sb[kK][kTile + 1];
   __shared__ double fa[2][kTile], fb[2][kTile];  // scale, inverse norm of the tiles' rows
@@ -180,8 +180,8 @@ void cosine_impl(const T* v, int64_t m, int64_t d, bool absolute, double* out, d
   const int64_t n_tiles = (m + kTile - 1) / kTile;
   if (n_tiles > 0x7fffffff) throw std::invalid_argument("cosine_distances (cuda): M too large");
   // grid.x: the column tile; grid.y: row tiles, strided to respect the grid.y limit.
-  const dim3 grid(unsigned(n_tiles), unsigned(n_tiles < cuda::kMaxGridY ? n_tiles
-                                                                         : cuda::kMaxGridY));
+  const dim3 grid(unsigned(n_tiles),
+                  unsigned(n_tiles < cuda::kMaxGridY ? n_tiles : cuda::kMaxGridY));
   cosine_kernel<T><<<grid, kThreads, 0, stream>>>(v, m, d, norms, absolute, out);
   cuda::check_launch("cosine_distances (cuda)");
 }

@@ -242,8 +242,8 @@ Plan<T> make_plan(const MlpParams& p, bool grad) {
     a.n_tiles = (B + kRows - 1) / kRows;
     chunks = std::max<int64_t>(1, std::min(kMaxChunks, a.n_tiles));
   }
-  const size_t per_item = (grad ? size_t(a.P) * sizeof(T) + sizeof(double) : 0) +
-                          (pl.use_shared ? 0 : scratch_bytes);
+  const size_t per_item =
+      (grad ? size_t(a.P) * sizeof(T) + sizeof(double) : 0) + (pl.use_shared ? 0 : scratch_bytes);
   if (per_item > 0) {
     const size_t fit = kWorkspaceBudget / (size_t(p.n_students) * per_item);
     chunks = std::max<int64_t>(1, std::min<int64_t>(chunks, int64_t(fit)));
@@ -707,8 +707,8 @@ __global__ void __launch_bounds__(kThinMaxWidth) mlp_thin_width_kernel(const Arg
   static_assert(kStaticOut || DO == kThinMaxOut,
                 "mlp_thin_width_kernel: variant 0 is compiled for DO = kThinMaxOut");
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ double lsum[kThinMaxWidth];   // each thread's loss
-  __shared__ T gb2u[kThinMaxOut * TR];     // output-bias gradient per unit (k, t), over the tiles
+  __shared__ double lsum[kThinMaxWidth];  // each thread's loss
+  __shared__ T gb2u[kThinMaxOut * TR];    // output-bias gradient per unit (k, t), over the tiles
   const int tid = threadIdx.x, wp = blockDim.x;
   const int64_t item = blockIdx.x;
   const int n = int(item / a.n_chunks);
@@ -952,9 +952,9 @@ template <typename T, typename Kernel>
 void launch_items(Kernel kernel, const Plan<T>& pl, int threads, size_t smem, size_t static_smem,
                   cudaStream_t stream, const char* what) {
   if (smem + static_smem > kDefaultSmem)
-    cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     int(smem)),
-                "mlp (cuda): cudaFuncSetAttribute");
+    cuda::check(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+        "mlp (cuda): cudaFuncSetAttribute");
   kernel<<<unsigned(pl.items), threads, smem, stream>>>(pl.a);
   cuda::check_launch(what);
 }
@@ -999,8 +999,8 @@ void launch(const MlpParams& p, void* workspace, size_t workspace_bytes, cudaStr
     launch_items(mlp_tiled_kernel<T, A, kGrad>, pl, kThreads, pl.smem_bytes_tiled, kStaticSmem,
                  stream, what);
   else
-    launch_items(mlp_generic_kernel<T, A, kGrad>, pl, kThreads, pl.smem_bytes, kStaticSmem,
-                 stream, what);
+    launch_items(mlp_generic_kernel<T, A, kGrad>, pl, kThreads, pl.smem_bytes, kStaticSmem, stream,
+                 what);
   if (!kGrad) return;
   ReduceArgs<T> r{};
   r.n_students = p.n_students;
@@ -1041,8 +1041,7 @@ void dispatch(const MlpParams& p, void* ws, size_t ws_bytes, void* stream) {
 
 size_t workspace_bytes(const MlpParams& p, bool grad) {
   cuda::DeviceGuard guard(p.device);
-  return p.dtype == DType::F64 ? make_plan<double>(p, grad).total
-                               : make_plan<float>(p, grad).total;
+  return p.dtype == DType::F64 ? make_plan<double>(p, grad).total : make_plan<float>(p, grad).total;
 }
 
 }  // namespace
@@ -1051,8 +1050,7 @@ size_t mlp_forward_cuda_workspace_bytes(const MlpParams& p) { return workspace_b
 
 size_t mlp_mse_grad_cuda_workspace_bytes(const MlpParams& p) { return workspace_bytes(p, true); }
 
-void mlp_forward_cuda(const MlpParams& p, void* workspace, size_t workspace_bytes,
-                      void* stream) {
+void mlp_forward_cuda(const MlpParams& p, void* workspace, size_t workspace_bytes, void* stream) {
   if (p.batch == 0) return;
   cuda::DeviceGuard guard(p.device);
   if (p.dtype == DType::F64)
@@ -1061,8 +1059,7 @@ void mlp_forward_cuda(const MlpParams& p, void* workspace, size_t workspace_byte
     dispatch<float, false>(p, workspace, workspace_bytes, stream);
 }
 
-void mlp_mse_grad_cuda(const MlpParams& p, void* workspace, size_t workspace_bytes,
-                       void* stream) {
+void mlp_mse_grad_cuda(const MlpParams& p, void* workspace, size_t workspace_bytes, void* stream) {
   if (p.batch < 1) throw std::invalid_argument("mlp_mse_grad (cuda): need a batch of >= 1");
   cuda::DeviceGuard guard(p.device);
   if (p.dtype == DType::F64)
