@@ -17,6 +17,7 @@ import torch
 # The baselines' loss functions are the CPU benchmark's (same script directory on sys.path).
 from bench_training_step import LOSSES
 from expand_and_cluster import ops
+from expand_and_cluster.ops import _runtime
 
 # name: (d_in, width, d_out, N, B), DESIGN.md sizes
 SIZES = {
@@ -117,7 +118,7 @@ def _ours_torchpath(ws, bs, x, y):
 
     def step():
         step_t.add_(1)
-        ops._mlp_mse_grad_torch(params[:2], params[2:], x, y, act, gw, gb, loss)
+        ops.mlp._mlp_mse_grad_torch(params[:2], params[2:], x, y, act, gw, gb, loss)
         ops.adam_step(params, gw + gb, m, v, step_t, lr, check_values=False)
         return loss
 
@@ -212,7 +213,7 @@ IMPLS = {
 }
 EXTRA = {
     "ours_ops": (_ours_ops, 1),
-    # timed under ops.set_cuda_thin_kernel_variant(1): the thin-width kernel compiled per output
+    # timed under the thin-width kernel's variant compiled per output
     # count (differs from "ours" at the toy sizes only)
     "ours_thin1": (_ours, 1),
     "ours_graph": _graphed(_ours),
@@ -258,16 +259,16 @@ def main(path="bench_gpu.json", *_):
             times[name] = _time(step)
         for name, (make, per) in EXTRA.items():
             ws, bs, x, y = _problem(size, dev)
-            variant = ops.cuda_thin_kernel_variant()
+            variant = _runtime.cuda_thin_kernel_variant()
             try:
                 if name == "ours_thin1":
-                    ops.set_cuda_thin_kernel_variant(1)
+                    _runtime.set_cuda_thin_kernel_variant("compiled_outputs")
                 step, _ = make(ws, bs, x, y)
                 times[name] = _time(step) / per
             except Exception as e:  # a failed extra row must not lose the table
                 print(f"{size} {name}: failed: {e!r}")
             finally:
-                ops.set_cuda_thin_kernel_variant(variant)
+                _runtime.set_cuda_thin_kernel_variant(variant)
         if COMPILE:
             for name in ("einsum", "bmm"):
                 ws, bs, x, y = _problem(size, dev)
@@ -354,18 +355,20 @@ def _train_loop(size="toy-10-80-1-N20-B10000", epochs=300):
     16 epochs. No student stops (target 0, min_lr 0), so both runs do the same steps."""
     import time
 
-    from expand_and_cluster.training import TrainConfig, train_students
+    from expand_and_cluster.config import TrainConfig
+    from expand_and_cluster.pipeline.train import train_students
 
     d_in, width, d_out, n, b = SIZES[size]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(b, d_in, generator=g)
     y = torch.tanh(x @ torch.randn(d_in, 4, generator=g)) @ torch.randn(4, d_out, generator=g)
     out = {}
-    variant = ops.cuda_thin_kernel_variant()
+    variant = _runtime.cuda_thin_kernel_variant()
     # each twice, the first as warm-up; then every 16 epochs under thin-width kernel variant 1
     try:
-        for k, v in ((1, variant), (16, variant), (1, variant), (16, variant), (16, 1)):
-            ops.set_cuda_thin_kernel_variant(v)
+        thin1 = "compiled_outputs"
+        for k, v in ((1, variant), (16, variant), (1, variant), (16, variant), (16, thin1)):
+            _runtime.set_cuda_thin_kernel_variant(v)
             cfg = TrainConfig(
                 n_students=n, max_epochs=epochs, target_relative_mse=0.0, min_lr=0.0,
                 progress=False, sync_every=k,
@@ -374,10 +377,10 @@ def _train_loop(size="toy-10-80-1-N20-B10000", epochs=300):
             t0 = time.perf_counter()
             train_students(x, y, [width], "tanh", cfg, "cuda")
             torch.cuda.synchronize()
-            key = f"sync_every_{k}" + ("" if v == variant else f"_thin{v}")
+            key = f"sync_every_{k}" + ("" if v == variant else "_thin1")
             out[key] = (time.perf_counter() - t0) / epochs * 1e3
     finally:
-        ops.set_cuda_thin_kernel_variant(variant)
+        _runtime.set_cuda_thin_kernel_variant(variant)
     return out
 
 

@@ -73,7 +73,7 @@ export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 # project's CI keeps warnings as errors).
 # PYTEST_ARGS: extra pytest arguments, e.g. "-n 4" where pytest-xdist is installed.
 run_step tests "$T_TESTS" "$py" -m pytest -q -p no:cacheprovider -W default ${PYTEST_ARGS:-} \
-  tests/test_cuda.py tests/test_ops.py
+  tests/ops
 
 run_step bench "$T_BENCH" "$py" benchmarks/bench_gpu.py "$out/bench_gpu.json"
 
@@ -97,10 +97,11 @@ cp "$work/suite/results.jsonl" "$out/suite_results.jsonl" 2>/dev/null || true
 cat >"$work/one_call_each.py" <<'PY'
 import torch
 from expand_and_cluster import ops
-ops.CUDA_TORCH_PATH_MIN_LAYER_SIZE = 10**9  # the fused kernel at every size below
+from expand_and_cluster.ops import _runtime
+ops.mlp.CUDA_TORCH_PATH_MIN_LAYER_SIZE = 10**9  # the fused kernel at every size below
 dev = "cuda"
-for variant, dtype in [(v, t) for v in (0, 1) for t in (torch.float32, torch.float64)]:
-    ops.set_cuda_thin_kernel_variant(variant)
+for variant, dtype in [(v, t) for v in _runtime.THIN_KERNEL_VARIANTS for t in (torch.float32, torch.float64)]:
+    _runtime.set_cuda_thin_kernel_variant(variant)
     g = torch.Generator().manual_seed(0)
     widths = [5, 33, 17, 3]
     ws = [torch.randn(3, widths[l + 1], widths[l], generator=g).to(dev, dtype) for l in range(3)]
@@ -145,13 +146,14 @@ done
 cat >"$work/thin_variants.py" <<'PY'
 import torch
 from expand_and_cluster import ops
+from expand_and_cluster.ops import _runtime
 g = torch.Generator().manual_seed(0)
 ws = [torch.randn(20, 80, 10, generator=g).cuda(), torch.randn(20, 1, 80, generator=g).cuda()]
 bs = [torch.randn(20, 80, generator=g).cuda(), torch.randn(20, 1, generator=g).cuda()]
 x = torch.randn(10000, 10, generator=g).cuda()
 y = torch.randn(10000, 1, generator=g).cuda()
-for variant in (0, 1):
-    ops.set_cuda_thin_kernel_variant(variant)
+for variant in _runtime.THIN_KERNEL_VARIANTS:
+    _runtime.set_cuda_thin_kernel_variant(variant)
     ops.mlp_mse_grad(ws, bs, x, y, "tanh")
 torch.cuda.synchronize()
 PY

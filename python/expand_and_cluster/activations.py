@@ -128,7 +128,7 @@ class Activation:
     def derivative(self, z: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         """s'(z), elementwise: a tensor of ``z``'s shape and dtype (``h`` = s(z), same shape,
         when already computed). The closed forms of the C++ kernels' ``ActOp::df``
-        (csrc/common/activations.h), checked against torch.autograd in tests/test_ops.py; used
+        (csrc/common/activations.h), checked against torch.autograd in tests/ops/test_mlp.py; used
         by the torch path's backward pass (Martinelli et al. 2024, Eq. 1 gradients). Raises
         TypeError where ``dfn`` is None (an Activation built without a derivative)."""
         if self.dfn is None:

@@ -1,4 +1,6 @@
-"""CUDA kernels against the CPU kernels and the pure-torch references (issue 3).
+"""Properties only a GPU has: the CUDA kernels against the CPU kernels and the pure-torch
+references, the thin-width kernel's variants, streams and CUDA graphs. (Properties that hold on
+every device are in the other tests, parametrized by ``device``.)
 
 The GPU tests skip where torch sees no GPU or the extension was built without CUDA; the backend
 tests at the end run everywhere.
@@ -7,12 +9,11 @@ tests at the end run everywhere.
 import pytest
 import torch
 
-import expand_and_cluster
 from expand_and_cluster import ops
 from expand_and_cluster.activations import ACTIVATIONS
-from tests.testing import DTYPES, RTOL, ensemble, rel
+from expand_and_cluster.ops import _runtime
+from tests.testing import DTYPES, HAS_CUDA, RTOL, ensemble, rel
 
-HAS_CUDA = "cuda" in expand_and_cluster.backends() and torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA build and a GPU")
 
 # Depth 1-3, N = 1, B = 1, widths 7, 65, 129 (not multiples of the 32-row tiles or the warp) and
@@ -26,15 +27,17 @@ SHAPES = [
     # (condition number 4e5), beyond any float32 tolerance; B = 3 is conditioned below 11.
     ([1, 1, 1], 1, 3),
     ([7, 33, 4], 5, 4097),
-    # float32 version 2 needs 47,620 bytes of dynamic shared memory: under 48 KB, but over it
-    # with the static 2 KB (must opt in; a launch error before that was fixed).
+    # the benchmarks' toy shape (thin-width kernel).
     ([10, 80, 1], 2, 100),
-    # version 3 ("thin" one-hidden-layer kernel) at its limits: d_in 16, width 256, d_out 4,
+    # the float32 tiled kernel's gradient needs 48,276 bytes of dynamic shared memory: under
+    # 48 KB, but over it with the static 2 KB (must opt in).
+    ([10, 78, 5], 2, 100),
+    # the thin-width (one-hidden-layer) kernel at its limits: d_in 16, width 256, d_out 4,
     # and d_in 12 (padded to 16 inputs), a width that is not a whole number of warps, many tiles.
     ([16, 256, 4], 2, 333),
     ([12, 40, 2], 3, 1000),
-    # version 3 with 12 stored inputs (d_in 9), a one-warp block with more output units (3 x 32)
-    # than threads (several passes of the output sums), a partial last tile.
+    # the thin-width kernel with 12 stored inputs (d_in 9), a one-warp block with more output
+    # units (3 x 32) than threads (several passes of the output sums), a partial last tile.
     ([9, 20, 3], 2, 77),
     # one output: 16 stored inputs for 13, a width that is not whole warps, a last tile of one
     # row.
@@ -54,20 +57,20 @@ def _cuda(ts):
     return [t.cuda() for t in ts]
 
 
-@pytest.fixture(params=[1, 2, 3, 4], ids=["v1", "v2", "v3", "v4"])
-def kernel_version(request):
-    """Runs the test under each variant of the CUDA kernels (ops.set_cuda_kernel_version)."""
-    before = ops.cuda_kernel_version()
-    ops.set_cuda_kernel_version(request.param)
+@pytest.fixture(params=_runtime.THIN_KERNEL_VARIANTS)
+def thin_variant(request):
+    """Runs the test under each variant of the thin-width kernel (a private setting)."""
+    before = _runtime.cuda_thin_kernel_variant()
+    _runtime.set_cuda_thin_kernel_variant(request.param)
     yield request.param
-    ops.set_cuda_kernel_version(before)
+    _runtime.set_cuda_thin_kernel_variant(before)
 
 
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("widths,n,b", SHAPES)
-def test_mlp_cuda_matches_cpu_and_reference(activation, widths, n, b, dtype, kernel_version):
+def test_mlp_cuda_matches_cpu_and_reference(activation, widths, n, b, dtype, thin_variant):
     ws, bs, x, y = _data(widths, n, b, dtype)
     loss_c, gw_c, gb_c = ops.mlp_mse_grad(ws, bs, x, y, activation)
     out_c = ops.mlp_forward(ws, bs, x, activation)
@@ -79,7 +82,7 @@ def test_mlp_cuda_matches_cpu_and_reference(activation, widths, n, b, dtype, ker
         w64, b64, x.double().cuda(), y.double().cuda(), activation
     )
     rout = ops.mlp_forward_reference(w64, b64, x.double().cuda(), activation)
-    # Same tolerances as tests/test_ops.py (conftest.RTOL): against the float64 reference, and
+    # Same tolerances as tests/ops/test_mlp.py (testing.RTOL): against the float64 reference, and
     # CPU vs CUDA (two roundings of the same sums, so twice the budget).
     tol = RTOL[dtype]
     assert rel(loss.double(), rloss) < tol
@@ -96,28 +99,28 @@ def test_mlp_cuda_matches_cpu_and_reference(activation, widths, n, b, dtype, ker
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("widths,n,b", [s for s in SHAPES if len(s[0]) == 3])
-def test_mlp_cuda_version_4_equals_version_3(activation, widths, n, b, dtype):
-    # Version 4 compiles the toy-size kernel for each output count: other instructions, the same
-    # terms in the same order, so the loss and gradients must be bitwise those of version 3.
+def test_mlp_cuda_thin_variant_1_equals_variant_0(activation, widths, n, b, dtype):
+    # Variant 1 compiles the thin-width kernel for each output count: other instructions, the
+    # same terms in the same order, so the loss and gradients must be bitwise those of variant 0.
     ws, bs, x, y = _data(widths, n, b, dtype)
     args = (_cuda(ws), _cuda(bs), x.cuda(), y.cuda(), activation)
-    before = ops.cuda_kernel_version()
+    before = _runtime.cuda_thin_kernel_variant()
     try:
-        ops.set_cuda_kernel_version(3)
-        v3 = ops.mlp_mse_grad(*args)
-        ops.set_cuda_kernel_version(4)
-        v4 = ops.mlp_mse_grad(*args)
+        _runtime.set_cuda_thin_kernel_variant("runtime_outputs")
+        r0 = ops.mlp_mse_grad(*args)
+        _runtime.set_cuda_thin_kernel_variant("compiled_outputs")
+        r1 = ops.mlp_mse_grad(*args)
     finally:
-        ops.set_cuda_kernel_version(before)
-    assert torch.equal(v3[0], v4[0])
-    for a, b3 in zip(v4[1] + v4[2], v3[1] + v3[2]):
-        assert torch.equal(a, b3)
+        _runtime.set_cuda_thin_kernel_variant(before)
+    assert torch.equal(r0[0], r1[0])
+    for a, b0 in zip(r1[1] + r1[2], r0[1] + r0[2]):
+        assert torch.equal(a, b0)
 
 
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("widths", [[6, 65, 40, 3], [10, 80, 1]], ids=["deep", "thin"])
-def test_mlp_cuda_deterministic_and_on_current_stream(widths, dtype, kernel_version):
+def test_mlp_cuda_deterministic_and_on_current_stream(widths, dtype, thin_variant):
     ws, bs, x, y = _data(widths, 5, 2000, dtype)
     ws, bs, x, y = _cuda(ws), _cuda(bs), x.cuda(), y.cuda()
     first = ops.mlp_mse_grad(ws, bs, x, y, "tanh")
@@ -134,10 +137,10 @@ def test_mlp_cuda_deterministic_and_on_current_stream(widths, dtype, kernel_vers
 
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-def test_mlp_cuda_wide_layers_use_the_global_memory_path(dtype, kernel_version, monkeypatch):
+def test_mlp_cuda_wide_layers_use_the_global_memory_path(dtype, monkeypatch):
     # 784-256-10 tile buffers exceed any GPU's shared memory per block: the generic path (the ops
     # dispatch such sizes to cuBLAS; the threshold is lifted to reach the kernel).
-    monkeypatch.setattr(ops, "CUDA_TORCH_PATH_MIN_LAYER_SIZE", 10**9)
+    monkeypatch.setattr(ops.mlp, "CUDA_TORCH_PATH_MIN_LAYER_SIZE", 10**9)
     ws, bs, x, y = _data([784, 256, 10], 2, 77, dtype)
     loss, gw, gb = ops.mlp_mse_grad(_cuda(ws), _cuda(bs), x.cuda(), y.cuda(), "relu")
     rloss, rgw, rgb = ops.mlp_mse_grad_reference(
@@ -173,7 +176,7 @@ def test_adam_cuda_matches_cpu(n, shapes, dtype):
         grads = [torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype) for p in params]
         ops.adam_step(params, grads, m, v, steps + k, lr)
         ops.adam_step(pd, _cuda(grads), md, vd, (steps + k).cuda(), lr.cuda())
-    tol = RTOL[dtype]  # as tests/test_ops.py
+    tol = RTOL[dtype]  # as tests/ops/test_mlp.py
     for a, b in zip(pd + md + vd, params + m + v):
         if b.numel():
             assert rel(a.cpu(), b) < tol
@@ -183,7 +186,7 @@ def test_adam_cuda_matches_cpu(n, shapes, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("absolute", [False, True])
 @pytest.mark.parametrize("m,d", [(1, 1), (2, 3), (65, 7), (129, 785), (33, 1)])
-def test_cosine_distances_cuda_matches_cpu(m, d, absolute, dtype, kernel_version):
+def test_cosine_distances_cuda_matches_cpu(m, d, absolute, dtype):
     g = torch.Generator().manual_seed(m * 1000 + d)
     v = torch.randn(m, d, generator=g, dtype=torch.float64).to(dtype)
     if m > 2:
@@ -207,7 +210,7 @@ def test_cosine_distances_cuda_matches_cpu(m, d, absolute, dtype, kernel_version
 def test_cluster_layer_on_cuda_matches_cpu(name):
     # Distances on the GPU (float64, another summation order): the same tree and clusters.
     from expand_and_cluster.pipeline.cluster import cluster_layer
-    from tests.test_clustering import Planted
+    from tests.pipeline.test_cluster import Planted
 
     p = Planted(name)
     cpu = cluster_layer(p.incoming, p.outgoing, p.losses, name)
@@ -287,14 +290,14 @@ def test_training_on_cuda_reads_back_every_k_epochs_without_changing_the_result(
 @gpu
 @pytest.mark.parametrize("deep", [False, True], ids=["one-layer", "deep"])
 def test_recover_on_cuda_recovers_a_planted_teacher(deep):
-    # The CPU tests' problems and budgets (tests/test_recover.py, tests/test_deep.py), students
+    # The CPU tests' problems and budgets (tests/pipeline/test_recover.py, test_deep.py), students
     # trained on the GPU.
     import dataclasses
 
     from expand_and_cluster import metrics
     from expand_and_cluster.pipeline.recover import recover
     from expand_and_cluster.teachers import planted_teacher, probe
-    from tests import test_deep, test_recover
+    from tests.pipeline import test_deep, test_recover
 
     if deep:
         teacher = planted_teacher(4, [3, 3], 1, "tanh", seed=4, min_angle_degrees=30)
@@ -355,7 +358,7 @@ def test_fused_train_step_replays_in_a_cuda_graph():
 def test_backends_report_cuda_iff_compiled():
     from expand_and_cluster import _C
 
-    compiled = "cuda" in expand_and_cluster.backends()
+    compiled = "cuda" in ops.backends()
     if not compiled:
         # Without CUDA support a CUDA device index is refused with a clear message.
         with pytest.raises(ValueError, match="CUDA"):
@@ -372,15 +375,21 @@ def test_backends_report_cuda_iff_compiled():
         assert nbytes > 0
 
 
-def test_cuda_kernel_version_is_validated_and_restored():
-    before = ops.cuda_kernel_version()
-    assert before in (1, 2, 3, 4)
-    for bad in (0, 5):
-        with pytest.raises(ValueError, match="version"):
-            ops.set_cuda_kernel_version(bad)
-    ops.set_cuda_kernel_version(1)
+def test_cuda_thin_kernel_variant_is_validated_and_restored():
+    from expand_and_cluster import _C
+
+    before = _runtime.cuda_thin_kernel_variant()
+    assert before in _runtime.THIN_KERNEL_VARIANTS
+    with pytest.raises(ValueError, match="variant: expected one of"):
+        _runtime.set_cuda_thin_kernel_variant("fastest")
+    for bad in (-1, 2):
+        with pytest.raises(ValueError, match="variant must be 0 .* or 1"):
+            _C.set_cuda_thin_kernel_variant(bad)
+    assert _runtime.cuda_thin_kernel_variant() == before
+    other = next(v for v in _runtime.THIN_KERNEL_VARIANTS if v != before)
+    _runtime.set_cuda_thin_kernel_variant(other)
     try:
-        assert ops.cuda_kernel_version() == 1
+        assert _runtime.cuda_thin_kernel_variant() == other
     finally:
-        ops.set_cuda_kernel_version(before)
-    assert ops.cuda_kernel_version() == before
+        _runtime.set_cuda_thin_kernel_variant(before)
+    assert _runtime.cuda_thin_kernel_variant() == before

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from expand_and_cluster.config import TrainConfig
-from expand_and_cluster.pipeline.train import _train_students
+from expand_and_cluster.pipeline.train import train_students
 
 
 def _queries(n=600, seed=0):
@@ -44,7 +44,7 @@ def test_read_back_every_k_epochs_changes_nothing(kw):
     runs = {}
     for k in (1, 7, 1000):
         cfg = TrainConfig(n_students=6, seed=3, progress=False, sync_every=k, **kw)
-        runs[k] = _train_students(x, y, [4], "tanh", cfg)
+        runs[k] = train_students(x, y, [4], "tanh", cfg)
     ref = runs[1]
     # The case is worth testing: students stop at different epochs, for different reasons.
     assert len(set(ref.epochs.tolist())) >= 3
@@ -67,7 +67,7 @@ def test_divergence_reported_with_its_epoch(k):
     y = torch.randn(300, 1, generator=g) * 100
     cfg = TrainConfig(n_students=4, lr=1e30, max_epochs=50, progress=False, sync_every=k)
     with pytest.raises(FloatingPointError, match=r"diverged \(loss NaN/Inf\) at epoch 2;"):
-        _train_students(x, y, [5], "relu", cfg)
+        train_students(x, y, [5], "relu", cfg)
 
 
 def test_sync_every_is_validated():
