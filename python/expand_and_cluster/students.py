@@ -108,6 +108,11 @@ class StudentEnsemble:
             self.activation,
         )
 
+    def incoming(self, layer: int = 0) -> torch.Tensor:
+        """``[N, out_l, in_l + 1]`` the incoming vectors ``[w; b]`` of every student's neurons in
+        hidden layer ``layer`` (the vectors the clustering step compares)."""
+        return torch.cat([self.weights[layer], self.biases[layer][:, :, None]], dim=2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Outputs ``[N, B, d_out]`` (fused kernel)."""
         return ops.mlp_forward(self.weights, self.biases, x.to(self.dtype), self.activation)

@@ -412,7 +412,7 @@ def write_figures(result, folder: str | os.PathLike, alignment: list | None = No
     m = first.linkage.shape[0] + 1
     if m <= 6000:
         ens = result.training.students
-        v = torch.cat([ens.weights[0], ens.biases[0][:, :, None]], dim=2).reshape(m, -1)
+        v = ens.incoming(0).reshape(m, -1)
         keep = np.append(mask, True) if mask is not None else np.ones(v.shape[1], bool)
         v = v[:, torch.as_tensor(keep)].contiguous().cpu()
         dist = ops.cosine_distances(v, absolute=act.symmetry.sign_symmetric).numpy()

@@ -92,7 +92,7 @@ def cluster_layers(
 
     for l in range(start, n_layers):
         t0 = time.perf_counter()
-        incoming = torch.cat([ens.weights[0], ens.biases[0][:, :, None]], dim=2).cpu()
+        incoming = ens.incoming(0).cpu()
         mask = (
             queries.input_mask if l == 0 else input_mask_from_queries(u, cfg.cluster.mask_tolerance)
         )
