@@ -69,8 +69,7 @@ def test_write_run_writes_the_files_a_run_loads_back(planted, tmp_path):
         np.testing.assert_array_equal(s["relative_mse"], res.training.relative_mse)
         np.testing.assert_array_equal(s["held_out_index"], res.held_out_index)
     assert report["alignment"][0]["count_below_1e-3"] == 3
-    bare = tmp_path / "bare"
-    bare.mkdir()
+    bare = tmp_path / "new" / "bare"  # created
     write_run(res, bare, figures=False)
     assert {p.name for p in bare.iterdir()} == {"report.json", "recovered.npz", "students.npz"}
 

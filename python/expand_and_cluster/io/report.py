@@ -166,7 +166,7 @@ def write_run(
     probe_seconds: float = 0.0,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write a recovery's files into ``folder`` (an existing folder; docs/formats.md):
+    """Write a recovery's files into ``folder`` (created if missing; docs/formats.md):
     ``report.json`` (:func:`build_report`), ``recovered.npz`` (network file), ``students.npz``
     (the trained students, their relative MSE and the held-out query rows) and, with
     ``figures``, the figures (:func:`~expand_and_cluster.io.plots.write_figures`).
@@ -176,6 +176,7 @@ def write_run(
     The report (as :func:`build_report` returns it).
     """
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     report = build_report(result, teacher, probe_seconds=probe_seconds, extra=extra)
     save_network(result.network, folder / "recovered.npz")
     with atomic_write(folder / "students.npz") as f:
