@@ -65,7 +65,6 @@ def _widths(s):
 
 
 # Method flags, each setting one dotted key (its dest): (flag, key, type or choices, help).
-# Defaults: RUN_DEFAULTS where it has the key, else the one given in DEFAULTS below.
 # fmt: off
 _CLUSTER_FLAGS = [
     ("--gamma", "cluster.gamma", _number("--gamma", float, 0, 1, True),
@@ -104,15 +103,16 @@ _METHOD_FLAGS = [
     ("--dtype", "train.dtype", ["float32", "float64"],
      "dtype of the Adam phase (the polish and the fine-tune are float64)"),
 ]
-DEFAULTS = {"cluster.metric": "cosine", "upper_students": "finetune", "train.lr": 1e-3,
-            "retrain_factor": 1, "train.seed": 0, "train.dtype": "float32"}
 # fmt: on
 
 
 def _add_flags(g, flags) -> None:
+    """Each flag with RUN_DEFAULTS' default for its key, else the library's (RecoverConfig's);
+    none for --hidden-layers, which the teacher file can set."""
+    library = RecoverConfig("identity").settings()
     for flag, key, kind, text in flags:
         spec = {"choices": kind} if isinstance(kind, list) else {"type": kind}
-        default = RUN_DEFAULTS.get(key, DEFAULTS.get(key))
+        default = None if key == "hidden_layers" else RUN_DEFAULTS.get(key, library[key])
         g.add_argument(flag, dest=key, default=default, help=f"[{key}] {text}", **spec)
 
 

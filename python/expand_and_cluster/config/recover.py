@@ -4,6 +4,7 @@ that names every one of them."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -113,14 +114,7 @@ class RecoverConfig:
     def keys(cls) -> dict[str, Any]:
         """Every dotted key and its type (e.g. ``{"train.max_epochs": int, ...}``), in field
         order."""
-        out: dict[str, Any] = {}
-        for name, hint in typing.get_type_hints(cls).items():
-            if name in _NESTED:
-                for sub, sub_hint in typing.get_type_hints(_NESTED[name]).items():
-                    out[f"{name}.{sub}"] = sub_hint
-            elif name != "activation":
-                out[name] = hint
-        return out
+        return dict(_keys())
 
     def settings(self) -> dict[str, Any]:
         """The config as ``{dotted key: value}`` (every key but ``activation``)."""
@@ -143,33 +137,23 @@ class RecoverConfig:
         InputError
             On an unknown key (the known ones are listed) or an invalid value (naming the key).
         """
-        known = self.keys()
-        values = {}
-        for key, value in settings.items():
-            if key not in known:
-                raise InputError(f"unknown setting {key!r}; known: {', '.join(known)}")
-            values[key] = parse_setting(key, value) if isinstance(value, str) else value
-        nested = {name: {} for name in _NESTED}
+        nested: dict[str, dict] = {name: {} for name in _NESTED}
         top = {}
-        for key, value in values.items():
+        for key, value in settings.items():
+            if isinstance(value, str) or key not in _keys():
+                value = parse_setting(key, value)  # also refuses an unknown key
             head, _, sub = key.partition(".")
             if sub:
                 nested[head][sub] = value
             else:
                 top[key] = value
-        train = self.train
-        search = self.search
+        train, search = self.train, self.search
         if "max_epochs" in nested["train"]:
+            # The schedule follows the budget; patience, cooldown or search.epochs given in
+            # the same call are applied over it below.
             e = int(nested["train"].pop("max_epochs"))
-            scaled = train.scaled(e)
-            train = dataclasses.replace(
-                scaled,
-                patience=nested["train"].pop("patience", scaled.patience),
-                cooldown=nested["train"].pop("cooldown", scaled.cooldown),
-            )
-            search = dataclasses.replace(
-                search, epochs=nested["search"].pop("epochs", max(20, e // 3))
-            )
+            train = train.scaled(e)
+            search = dataclasses.replace(search, epochs=max(20, e // 3))
         base = {"train": train, "search": search, "cluster": self.cluster, "repair": self.repair}
         try:
             parts = {n: dataclasses.replace(base[n], **kw) for n, kw in nested.items()}
@@ -202,6 +186,19 @@ class RecoverConfig:
             ) from None
 
 
+@functools.cache
+def _keys() -> dict[str, Any]:
+    """:meth:`RecoverConfig.keys`, computed once (the type hints do not change)."""
+    out: dict[str, Any] = {}
+    for name, hint in typing.get_type_hints(RecoverConfig).items():
+        if name in _NESTED:
+            for sub, sub_hint in typing.get_type_hints(_NESTED[name]).items():
+                out[f"{name}.{sub}"] = sub_hint
+        elif name != "activation":
+            out[name] = hint
+    return out
+
+
 def parse_setting(key: str, text: str) -> Any:
     """The value of setting ``key`` written as ``text``: "true"/"false" (also 1/0) for bools,
     "none" for an optional number left unset, numbers for int and float fields, the text itself
@@ -212,7 +209,7 @@ def parse_setting(key: str, text: str) -> Any:
     InputError
         On an unknown key or a text that is not of the setting's type.
     """
-    known = RecoverConfig.keys()
+    known = _keys()
     if key not in known:
         raise InputError(f"unknown setting {key!r}; known: {', '.join(known)}")
     hint = known[key]

@@ -199,6 +199,7 @@ class RunFolder:
         return self.tmp / name
 
     def commit(self) -> None:
+        """Move the checkpoint folder in and rename the temporary folder to ``out``."""
         if self.checkpoint is not None and self.checkpoint.path.is_dir():
             os.replace(self.checkpoint.path, self.tmp / "checkpoint")
         if self.out.exists():
@@ -206,6 +207,7 @@ class RunFolder:
         os.replace(self.tmp, self.out)
 
     def abort(self) -> None:
+        """Remove the temporary folder; keep a checkpoint that holds trained students."""
         shutil.rmtree(self.tmp, ignore_errors=True)
         if self.checkpoint is None or not self.checkpoint.path.is_dir():
             return

@@ -307,7 +307,7 @@ class Layers:
         :class:`~expand_and_cluster.pipeline.cluster.LayerClustering` (None after a resume
         past it).
     candidates : the last hidden layer's dropped clusters within beta, one representative
-        each (:func:`~expand_and_cluster.pipeline.cluster.dropped_representatives`), for the
+        each (:func:`~expand_and_cluster.pipeline.layerwise.dropped_representatives`), for the
         width repair; None after a resume past that layer.
     resumed_from : ``"layer_<l>"`` when finished layers came from a checkpoint, else None.
     seconds : ``{"cluster", "finetune"}`` wall time (finetune: the students' per-layer

@@ -172,7 +172,7 @@ def _setting(key: str, value: Any, where: str) -> Any:
         if not ok or value < 0:
             raise InputError(f"{where}: min_steps expects an integer >= 0, got {value!r}")
         return value
-    if key not in RecoverConfig.keys() or key == "activation":
+    if key not in RecoverConfig.keys():
         hint = f" (now {FORMAT_1_NAMES[key]!r})" if key in FORMAT_1_NAMES else ""
         raise InputError(
             f"{where}: unknown setting {key!r}{hint}; known: min_steps, "
