@@ -22,6 +22,7 @@ import numpy as np
 from ._version import __version__
 from .activations import ACTIVATIONS
 from .config import RUN_DEFAULTS, RecoverConfig, RepairConfig, parse_assignments
+from .config.steps import FINISHES
 from .errors import InputError, NoClusterError
 from .io.checkpoint import Checkpoint, RunFolder
 from .io.files import (
@@ -92,7 +93,11 @@ _METHOD_FLAGS = [
      "Adam mini-batch size (default %(default)s)"),
     ("--lr", "train.lr", _number("--lr", float, 0, 1, True), "Adam learning rate"),
     ("--polish-iterations", "train.polish_iterations", _number("--polish-iterations", int, 0),
-     "batched float64 L-BFGS iterations after Adam (default %(default)s)"),
+     "L-BFGS budget of the float64 finish after Adam, iterations (default %(default)s)"),
+    ("--finish", "train.finish", list(FINISHES),
+     "the float64 finish: lbfgs, auto (lm+lbfgs for small students, else lbfgs), lm+lbfgs "
+     "(Levenberg-Marquardt, then L-BFGS where it stalled), lm (each student stops on its own), "
+     "lbfgs-fixed (all --polish-iterations, the previous finish) (default %(default)s)"),
     ("--retrain-factor", "retrain_factor", _number("--retrain-factor", int, 1),
      "when the recovered network's relative MSE is above 1e-6 and 10 times the median "
      "student's, train the students again this many times longer and keep the better result "
@@ -202,11 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
 # fmt: on
 
 
-def _settings(args) -> dict:
-    """The dotted-key settings the flags give (unset flags omitted; ``--device`` is resolved on
-    its own), then ``--set``'s."""
+def _settings(args, run_defaults: bool = True) -> dict:
+    """The dotted-key settings: RUN_DEFAULTS (unless ``run_defaults`` is False), then the
+    flags' (unset flags omitted; ``--device`` is resolved on its own), then ``--set``'s."""
     keys = RecoverConfig.keys()
-    out = {k: v for k, v in vars(args).items() if k in keys and k != "device" and v is not None}
+    out = dict(RUN_DEFAULTS) if run_defaults else {}
+    out.update(
+        {k: v for k, v in vars(args).items() if k in keys and k != "device" and v is not None}
+    )
     out.update(parse_assignments(args.set))
     out["train.progress"] = not args.quiet
     return out
@@ -294,7 +302,7 @@ def cmd_cluster(args, log) -> int:
         raise InputError(f"--students: {ckpt_in.path} holds no trained students (students.npz)")
     run = ckpt_in.load_run()
     old = RecoverConfig.from_dict(run["config"])
-    new = {k: v for k, v in _settings(args).items() if k != "repair.enabled"}
+    new = {k: v for k, v in _settings(args, False).items() if k != "repair.enabled"}
     cfg = dataclasses.replace(
         old.updated({**new, "device": "cpu", "retrain_factor": 1}),  # re-clustering never trains
         repair=RepairConfig() if getattr(args, "repair.enabled") else RepairConfig.off(),

@@ -257,13 +257,15 @@ def parse_assignments(assignments: Iterable[str], where: str = "--set") -> dict[
 
 
 #: Settings of the command line and the suites where they set nothing else: a short Adam
-#: schedule on mini-batches, then the float64 L-BFGS polish, which is what makes the students
-#: precise enough to cluster (the library's own defaults are the paper's long schedule).
+#: schedule on mini-batches that hands each student over to the float64 finish when its
+#: progress stalls; the finish is what makes the students precise enough to cluster (the
+#: library's own defaults are the paper's long schedule).
 RUN_DEFAULTS: dict[str, Any] = {
     "train.n_students": 20,
     "train.max_epochs": 300,
     "train.batch_size": 512,
     "train.polish_iterations": 1500,
+    "train.handover_window": None,
     "cluster.gamma": 0.5,
     "cluster.beta_degrees": 60.0,
     "finetune_iterations": 3000,

@@ -17,6 +17,7 @@ METRICS = ("cosine", "l2")
 CUT_RULES = ("longest_plateau", "max_count", "persistent_max")
 LINKAGE_BACKENDS = ("native", "reference")
 UPPER_STUDENTS = ("finetune", "fresh")
+FINISHES = ("auto", "lm+lbfgs", "lm", "lbfgs", "lbfgs-fixed")
 
 
 def _validate(obj, checks) -> None:
@@ -39,7 +40,22 @@ class TrainConfig:
     patience, cooldown : plateau schedule, in epochs (threshold 0: any decrease is progress).
     factor : learning-rate multiplier on a plateau (1/sqrt(10)).
     min_lr : a student stops when its learning rate falls below this.
-    polish_iterations : batched float64 L-BFGS iterations after Adam (0: none).
+    polish_iterations : the float64 finish after Adam: the L-BFGS budget in iterations per
+        student (0: no finish).
+    finish : "lbfgs" (default), "auto" ("lm+lbfgs" for students of at most ``lm_max_params``
+        parameters times d_out, else "lbfgs"), "lm+lbfgs" (Levenberg-Marquardt, then L-BFGS for
+        the students it left above relative MSE 1e-10) or "lm", each with the per-student stop
+        rule of :mod:`~expand_and_cluster.pipeline.finish`; or "lbfgs-fixed" (L-BFGS for exactly
+        ``polish_iterations`` iterations, no stop rule).
+    lm_iterations : the Levenberg-Marquardt budget in iterations per student.
+    lm_max_params : "auto"'s crossover: parameters per student times d_out (Jacobian entries
+        per query; benchmarks/RESULTS.md).
+    finish_target : relative MSE at which a student's finish stops.
+    handover_window : epochs; at every multiple of it, a student whose relative MSE fell by
+        fewer than ``handover_decades`` decades since the previous multiple leaves Adam for the
+        finish (stop reason "stalled"). None: ``max(16, max_epochs // 10)`` rounded up to a
+        multiple of 16 (so a GPU read-back every 16 epochs sees the same epochs); 0: never.
+    handover_decades : see ``handover_window``.
     dtype : "float32" or "float64" for the Adam phase.
     seed : seeds initialisation and mini-batch order.
     progress : show a progress bar.
@@ -59,6 +75,12 @@ class TrainConfig:
     factor: float = 10.0**-0.5
     min_lr: float = 1e-7
     polish_iterations: int = 0
+    finish: str = "lbfgs"
+    lm_iterations: int = 100
+    lm_max_params: int = 256
+    finish_target: float = 1e-20
+    handover_window: int | None = 0
+    handover_decades: float = 0.05
     dtype: str = "float32"
     seed: int = 0
     progress: bool = True
@@ -78,10 +100,27 @@ class TrainConfig:
                 ("factor", 0 < self.factor < 1, "in (0, 1)"),
                 ("min_lr", self.min_lr >= 0, ">= 0"),
                 ("polish_iterations", self.polish_iterations >= 0, ">= 0"),
+                ("finish", self.finish in FINISHES, f"one of {FINISHES}"),
+                ("lm_iterations", self.lm_iterations >= 0, ">= 0"),
+                ("lm_max_params", self.lm_max_params >= 0, ">= 0"),
+                ("finish_target", self.finish_target >= 0, ">= 0"),
+                (
+                    "handover_window",
+                    self.handover_window is None or self.handover_window >= 0,
+                    "None or >= 0",
+                ),
+                ("handover_decades", self.handover_decades >= 0, ">= 0"),
                 ("dtype", self.dtype in DTYPES, "'float32' or 'float64'"),
                 ("sync_every", self.sync_every is None or self.sync_every >= 1, "None or >= 1"),
             ],
         )
+
+    @property
+    def handover_epochs(self) -> int:
+        """The hand-over window in epochs (``handover_window`` resolved; 0: no hand-over)."""
+        if self.handover_window is not None:
+            return int(self.handover_window)
+        return 16 * math.ceil(max(16, self.max_epochs // 10) / 16)
 
     def scaled(self, max_epochs: int) -> TrainConfig:
         """The schedule-scaling rule: this config with an epoch budget of ``max_epochs`` and the
@@ -106,19 +145,27 @@ class TrainConfig:
 @dataclass(frozen=True)
 class ExpansionSearchConfig:
     """The expansion search (Martinelli et al. 2024, Sec. 3: "train students of increasing size
-    until they consistently reach near-zero loss").
+    until they consistently reach near-zero loss"; the rules in docs/method.md, step 1).
 
     Attributes
     ----------
     start_width : first width tried. growth : each next width is ceil(growth * previous).
-    max_width : give up above this (the largest width tried is then used).
-    n_students : quick students per width. epochs : quick Adam budget per width.
+    max_width : no width above this is tried.
+    n_students : quick students per width. epochs : quick Adam budget per width (per round).
     target_relative_mse : "near-zero loss" for the quick runs.
-    fraction : the share of quick students that must reach the target.
+    fraction : a width qualifies when at least this share of its quick students reach the target.
     expansion : the students of the main run get ceil(expansion * found width) neurons, so they
         are overparameterised beyond the smallest consistently successful width.
-    polish_iterations : float64 L-BFGS iterations after the quick Adam epochs, times L^2 for
-        students with L hidden layers (Adam alone rarely reaches a strict target quickly).
+    polish_iterations : the quick students' finish budget (as ``TrainConfig.polish_iterations``),
+        times L^2 for students with L hidden layers.
+    extensions : a width whose quick students still gain at least ``trend_decades`` decades of
+        median relative MSE over the last third of their Adam epochs trains up to this many more
+        rounds of ``epochs`` (slow-starting activations) before it is judged.
+    trend_decades : see ``extensions``.
+    patience : the search stops after this many consecutive widths that lower the best median
+        relative MSE by less than ``min_gain_decades`` decades ("wider students stop helping");
+        then, as at ``max_width``, the best width seen is taken.
+    min_gain_decades : see ``patience``.
     """
 
     start_width: int = 4
@@ -130,6 +177,10 @@ class ExpansionSearchConfig:
     fraction: float = 0.5
     expansion: float = 2.0
     polish_iterations: int = 300
+    extensions: int = 2
+    trend_decades: float = 0.3
+    patience: int = 2
+    min_gain_decades: float = 0.1
 
     def __post_init__(self) -> None:
         _validate(
@@ -144,6 +195,10 @@ class ExpansionSearchConfig:
                 ("fraction", 0 < self.fraction <= 1, "in (0, 1]"),
                 ("expansion", self.expansion >= 1, ">= 1"),
                 ("polish_iterations", self.polish_iterations >= 0, ">= 0"),
+                ("extensions", self.extensions >= 0, ">= 0"),
+                ("trend_decades", self.trend_decades >= 0, ">= 0"),
+                ("patience", self.patience >= 1, ">= 1"),
+                ("min_gain_decades", self.min_gain_decades >= 0, ">= 0"),
             ],
         )
 

@@ -1,6 +1,6 @@
-"""Training of a student ensemble: Adam with a plateau schedule per student, then a batched
-L-BFGS polish in float64. Used by the expansion step and by the layer-wise fine-tune of deep
-recoveries.
+"""Training of a student ensemble: Adam with a plateau schedule per student, then the batched
+float64 finish (:mod:`~expand_and_cluster.pipeline.finish`). Used by the expansion step and by
+the layer-wise fine-tune of deep recoveries.
 
 Source: Martinelli et al. 2024, Sec. 3 step 1 ("Expand") and App. (training details): Adam, lr
 1e-3, learning rate x 1/sqrt(10) on plateau (patience 200 epochs, cooldown 100, threshold 0) until
@@ -20,6 +20,7 @@ from .. import ops
 from ..activations import get_activation
 from ..config import TrainConfig
 from ..students import StudentEnsemble
+from .finish import finish
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -33,10 +34,14 @@ class TrainResult:
     students : the trained ensemble (float64 after a polish, else the training dtype).
     relative_mse : ``[N]`` final relative MSE of each student on the training queries.
     epochs : ``[N]`` epochs each student trained.
-    stop_reason : per student, "target", "min_lr" or "budget".
+    stop_reason : per student, how Adam ended: "target", "min_lr", "stalled" (handed over to
+        the finish, ``TrainConfig.handover_window``) or "budget".
     final_lr : ``[N]``.
     history : {"epoch": [e...], "relative_mse": [[N floats]...]}, subsampled.
     seconds : wall time.
+    finish : the finish's record (:meth:`FinishResult.summary
+        <expand_and_cluster.pipeline.finish.FinishResult.summary>`: method, per-student
+        iterations, stop reasons and relative MSE, seconds), or None without a finish.
     """
 
     students: StudentEnsemble
@@ -46,6 +51,7 @@ class TrainResult:
     final_lr: np.ndarray
     history: dict = field(default_factory=dict)
     seconds: float = 0.0
+    finish: dict | None = None
 
 
 def output_variance(y: torch.Tensor) -> float:
@@ -80,9 +86,10 @@ def train_students(
     Adam (fused kernels :func:`~expand_and_cluster.ops.mlp_mse_grad` and
     :func:`~expand_and_cluster.ops.adam_step`) and its own plateau schedule; it stops when its
     relative MSE falls below ``target_relative_mse``, when its learning rate falls below
-    ``min_lr``, or when the epoch budget is spent. Stopped students leave the batch (the kernels
-    then run on the active ones only). Optionally a batched L-BFGS polish in float64 follows
-    (:func:`lbfgs_polish`).
+    ``min_lr``, when its progress stalls (``handover_window``), or when the epoch budget is
+    spent. Stopped students leave the batch (the kernels then run on the active ones only).
+    With ``polish_iterations > 0`` the float64 finish follows
+    (:func:`~expand_and_cluster.pipeline.finish.finish`, method ``config.finish``).
 
     Parameters
     ----------
@@ -139,6 +146,8 @@ def _train_students(x, y, hidden_widths, activation, config, device, students, d
     gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
     batch = n_queries if cfg.batch_size is None else min(cfg.batch_size, n_queries)
     hist_every = max(1, cfg.max_epochs // 400)
+    handover = cfg.handover_epochs
+    rel_at_check = np.full(n, np.inf)  # relative MSE at the last hand-over check
     history: dict = {"epoch": [], "relative_mse": []}
 
     # State of the students in the batch (`active`, in this order), on their device. A stopped
@@ -184,7 +193,11 @@ def _train_students(x, y, hidden_widths, activation, config, device, students, d
         if epoch % hist_every == 0 or epoch == 1:
             pending.append((epoch, state.rel.clone()))
         bar.update(1)
-        if epoch % sync_every and epoch != cfg.max_epochs:
+        if (
+            epoch % sync_every
+            and epoch != cfg.max_epochs
+            and not (handover and epoch % handover == 0)
+        ):
             continue
         # Read-back: one device-to-host transfer.
         host, hist = state.to_numpy([r for _, r in pending])
@@ -206,6 +219,16 @@ def _train_students(x, y, hidden_widths, activation, config, device, students, d
             history["relative_mse"].append(row.tolist())
         pending = []
         live = host["live"]
+        if handover and epoch % handover == 0:
+            # Hand-over: too little progress since the last check leaves Adam for the finish.
+            now = host["rel"]
+            slow = live & (
+                np.log10(rel_at_check[active] / np.maximum(now, 1e-300)) < cfg.handover_decades
+            )
+            for j in np.flatnonzero(slow):
+                reason[active[j]] = "stalled"
+            live = live & ~slow
+            rel_at_check[active] = now
         if cfg.progress and time.perf_counter() - last_post > 0.5:
             last_post = time.perf_counter()
             bar.set_postfix_str(
@@ -238,137 +261,29 @@ def _train_students(x, y, hidden_widths, activation, config, device, students, d
     if history["epoch"] and history["epoch"][-1] != last:
         history["epoch"].append(last)
         history["relative_mse"].append(rel.tolist())
+    summary = None
     if cfg.polish_iterations > 0:
         ens = ens.to(dtype=torch.float64)
-        rel = lbfgs_polish(ens, x, y, cfg.polish_iterations, progress=cfg.progress) / var_y
-    return TrainResult(ens, rel, epochs, reason, final_lr, history, time.perf_counter() - t0)
+        fin = finish(
+            ens,
+            x,
+            y,
+            cfg.finish,
+            lbfgs_iterations=cfg.polish_iterations,
+            lm_iterations=cfg.lm_iterations,
+            lm_max_params=cfg.lm_max_params,
+            target=cfg.finish_target,
+            var_y=var_y,
+            progress=cfg.progress,
+        )
+        rel = fin.mse / var_y
+        summary = fin.summary(var_y)
+    return TrainResult(
+        ens, rel, epochs, reason, final_lr, history, time.perf_counter() - t0, summary
+    )
 
 
 def _write_back(ens: StudentEnsemble, cur: StudentEnsemble, active: np.ndarray) -> None:
     idx = torch.as_tensor(active, device=ens.device)
     for full, part in zip(ens.params(), cur.params()):
         full.index_copy_(0, idx, part)
-
-
-def _flat(tensors: list[torch.Tensor], n: int) -> torch.Tensor:
-    return torch.cat([t.reshape(n, -1) for t in tensors], dim=1)
-
-
-def _unflat_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
-    o = 0
-    for t in tensors:
-        k = t[0].numel()
-        t.copy_(flat[:, o : o + k].reshape(t.shape))
-        o += k
-
-
-def lbfgs_polish(
-    ens: StudentEnsemble,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    iterations: int,
-    history_size: int = 20,
-    progress: bool = False,
-) -> np.ndarray:
-    """Batched L-BFGS on every student at once, in the ensemble's dtype (float64 intended), in
-    place; each student has its own curvature history and step length.
-
-    Every iteration costs one fused loss-and-gradient call for all students. A student's trial
-    point ``p + t d`` is accepted when it satisfies the Armijo condition
-    ``loss_new <= loss + 1e-4 t g.d``; otherwise the student stays, halves t and retries the same
-    direction at the next iteration (no extra evaluations for the others). Nocedal & Wright,
-    Numerical Optimization, Alg. 7.4 (two-loop recursion).
-
-    Parameters
-    ----------
-    ens : the students, updated in place.
-    x, y : ``[P, d_in]``, ``[P, d_out]`` queries.
-    iterations : number of iterations (fused evaluations).
-    history_size : curvature pairs kept per student.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``[N]`` final MSE of each student (not relative).
-    """
-    with ops.threads(torch_threads=None if ops.uses_torch_path(ens.widths, ens.device) else 1):
-        return _lbfgs_polish(ens, x, y, iterations, history_size, progress)
-
-
-def _lbfgs_polish(ens, x, y, iterations, history_size, progress) -> np.ndarray:
-    """Implementation of :func:`lbfgs_polish` (torch thread count already set)."""
-    dtype, device, act = ens.dtype, ens.device, ens.activation
-    xs = x.to(dtype=dtype, device=device).contiguous()
-    ys = y.to(dtype=dtype, device=device).contiguous()
-    n = ens.n_students
-    params = ens.params()
-    p = _flat(params, n)
-
-    def evaluate(flat: torch.Tensor):
-        _unflat_into(flat, params)
-        loss, gw, gb = ops.mlp_mse_grad(ens.weights, ens.biases, xs, ys, act, check_finite=False)
-        return loss.clone(), _flat(gw + gb, n)
-
-    loss, g = evaluate(p)
-    s_hist: list[torch.Tensor] = []
-    y_hist: list[torch.Tensor] = []
-    rho_hist: list[torch.Tensor] = []
-    valid: list[torch.Tensor] = []  # per pair: which students have it
-    t = torch.ones(n, dtype=dtype, device=device)
-    first = torch.ones(n, dtype=torch.bool, device=device)
-    bar = tqdm(total=iterations, desc="L-BFGS polish", disable=not progress, leave=False)
-    for _ in range(iterations):
-        # Two-loop recursion, per student (pairs a student lacks contribute nothing).
-        q = -g
-        alphas = []
-        for s_i, y_i, r_i, ok in zip(
-            reversed(s_hist), reversed(y_hist), reversed(rho_hist), reversed(valid)
-        ):
-            a = torch.where(ok, r_i * (s_i * q).sum(1), torch.zeros_like(r_i))
-            q = q - a[:, None] * y_i
-            alphas.append(a)
-        if s_hist:
-            sy = (s_hist[-1] * y_hist[-1]).sum(1)
-            yy = (y_hist[-1] * y_hist[-1]).sum(1)
-            gamma = torch.where(
-                valid[-1] & (yy > 0), sy / yy.clamp_min(1e-300), torch.ones_like(sy)
-            )
-            q = q * gamma[:, None]
-        for s_i, y_i, r_i, ok, a in zip(s_hist, y_hist, rho_hist, valid, reversed(alphas)):
-            b = torch.where(ok, r_i * (y_i * q).sum(1), torch.zeros_like(r_i))
-            q = q + (a - b)[:, None] * s_i
-        d = q
-        gd = (g * d).sum(1)
-        # Students whose direction is not a descent direction restart from steepest descent
-        # (elementwise, no host synchronisation).
-        d = torch.where((gd >= 0)[:, None], -g, d)
-        gd = (g * d).sum(1)
-        # First step of a student: scale to unit length, as torch.optim.LBFGS does.
-        t_eff = torch.where(first, torch.minimum(t, 1.0 / g.abs().sum(1).clamp_min(1e-300)), t)
-        p_new = p + t_eff[:, None] * d
-        loss_new, g_new = evaluate(p_new)
-        ok = torch.isfinite(loss_new) & (loss_new <= loss + 1e-4 * t_eff * gd)
-        s = (p_new - p) * ok[:, None]
-        yv = (g_new - g) * ok[:, None]
-        sy = (s * yv).sum(1)
-        good_pair = ok & (sy > 1e-300)
-        s_hist.append(s)
-        y_hist.append(yv)
-        rho_hist.append(torch.where(good_pair, 1.0 / sy.clamp_min(1e-300), torch.zeros_like(sy)))
-        valid.append(good_pair)
-        if len(s_hist) > history_size:
-            s_hist.pop(0), y_hist.pop(0), rho_hist.pop(0), valid.pop(0)
-        p = torch.where(ok[:, None], p_new, p)
-        g = torch.where(ok[:, None], g_new, g)
-        loss = torch.where(ok, loss_new, loss)
-        first = first & ~ok
-        t = torch.where(ok, torch.ones_like(t), t * 0.5)
-        # A student whose step vanished restarts from steepest descent.
-        stuck = t < 1e-12
-        t = torch.where(stuck, torch.ones_like(t), t)
-        first = first | stuck
-        valid = [v & ~stuck for v in valid]
-        bar.update(1)
-    bar.close()
-    _unflat_into(p, params)
-    return loss.to(torch.float64).cpu().numpy()
