@@ -7,6 +7,7 @@ consistently reach near-zero loss", then N overparameterised students); docs/met
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -29,62 +30,120 @@ def expansion_search(
     search: ExpansionSearchConfig | None = None,
     train: TrainConfig | None = None,
     device="cpu",
-) -> tuple[int, list[dict]]:
-    """Find the student width: quick runs at widths growing by ``search.growth`` from
-    ``search.start_width`` until at least ``search.fraction`` of the quick students reach
-    ``search.target_relative_mse`` (or the next width would pass ``search.max_width``).
+) -> tuple[int, dict]:
+    """Find the student width (docs/method.md, step 1, the expansion search).
 
-    Each quick run trains ``search.n_students`` students for ``search.epochs`` Adam epochs (the
-    plateau patience and cooldown of :meth:`TrainConfig.scaled`, at most ``train``'s) and
-    ``search.polish_iterations * L^2`` L-BFGS iterations (deeper students need a longer polish
-    to show that they can reach the target).
+    Widths grow by ``search.growth`` from ``search.start_width``. At each width
+    ``search.n_students`` quick students train (Adam for ``search.epochs`` with the plateau
+    schedule of :meth:`TrainConfig.scaled` and ``train``'s hand-over, then the finish of
+    ``train.finish`` with ``search.polish_iterations * L^2`` L-BFGS iterations, stopping at
+    ``search.target_relative_mse``). Judged by their losses:
 
-    Parameters
-    ----------
-    x, y : ``[P, d_in]``, ``[P, d_out]`` training queries.
-    activation : hidden activation name. n_hidden_layers : L.
-    search, train : the search's and the main training's settings (learning rate, batch size,
-        dtype and seed come from ``train``); None: the defaults. device : "cpu" or "cuda".
+    - **qualifies**: at least ``search.fraction`` of them reach the target: the search ends
+      with this width;
+    - **still falling**: their median relative MSE fell by at least ``search.trend_decades``
+      decades over the last third of their Adam epochs: they train another round (at most
+      ``search.extensions``) before the width is judged;
+    - **no gain**: after ``search.patience`` consecutive widths that lower the best median
+      relative MSE by less than ``search.min_gain_decades`` decades, or past
+      ``search.max_width``, the search ends with the width of the best median seen (never the
+      cap by default).
 
     Returns
     -------
-    (int, list of dict)
-        ``max(w, ceil(search.expansion * w))`` for the width w found, and per tried width
-        ``{"width", "relative_mse": [per quick student], "fraction_reached"}``.
+    (int, dict)
+        The student width ``max(w, ceil(search.expansion * w))`` for the width w found, and the
+        search's record: ``{"found_width", "student_width", "reason", "tried": [per width
+        {"width", "relative_mse": [per quick student], "fraction_reached",
+        "median_relative_mse", "epochs", "rounds", "decision"}]}``.
     """
     search = ExpansionSearchConfig() if search is None else search
     train = TrainConfig() if train is None else train
     tried: list[dict] = []
-    width = search.start_width
     schedule = train.scaled(search.epochs)
+    best: tuple[float, int] | None = None  # (score, width): the lowest median log10 rel MSE
+    since_best = 0
+    width = search.start_width
+    reason = ""
     while True:
-        cfg = TrainConfig(
+        cfg = dataclasses.replace(
+            train,
             n_students=search.n_students,
-            lr=train.lr,
-            batch_size=train.batch_size,
             max_epochs=search.epochs,
-            target_relative_mse=search.target_relative_mse,
             patience=min(train.patience, schedule.patience),
             cooldown=min(train.cooldown, schedule.cooldown),
-            factor=train.factor,
-            min_lr=train.min_lr,
-            dtype=train.dtype,
             seed=train.seed + 1000 + width,
-            progress=train.progress,
             polish_iterations=search.polish_iterations * n_hidden_layers**2,
+            finish_target=search.target_relative_mse,
         )
-        res = train_students(
-            x, y, [width] * n_hidden_layers, activation, cfg, device, desc=f"search width {width}"
-        )
-        frac = float(np.mean(res.relative_mse <= search.target_relative_mse))
-        tried.append(
-            {"width": width, "relative_mse": res.relative_mse.tolist(), "fraction_reached": frac}
-        )
+        students, epochs, rounds = None, 0, 0
+        while True:
+            res = train_students(
+                x, y, [width] * n_hidden_layers, activation, cfg, device, students,
+                desc=f"search width {width}",
+            )  # fmt: skip
+            rounds += 1
+            epochs += int(res.epochs.max())
+            frac = float(np.mean(res.relative_mse <= search.target_relative_mse))
+            if frac >= search.fraction or rounds > search.extensions:
+                break
+            gain = _late_gain(res.history)
+            if gain < search.trend_decades:
+                break
+            students = res.students  # still falling: another round from here
+        rel = res.relative_mse
+        score = float(np.median(np.log10(np.maximum(rel, search.target_relative_mse))))
+        entry = {
+            "width": width,
+            "relative_mse": rel.tolist(),
+            "fraction_reached": frac,
+            "median_relative_mse": float(np.median(rel)),
+            "epochs": epochs,
+            "rounds": rounds,
+        }
+        tried.append(entry)
+        if frac >= search.fraction:
+            entry["decision"] = f"qualifies: {frac:.0%} of the quick students reach the target"
+            found, reason = width, "qualified"
+            break
+        if best is None or score < best[0] - search.min_gain_decades:
+            since_best = 0
+            entry["decision"] = "best so far"
+        else:
+            since_best += 1
+            entry["decision"] = (
+                f"no gain of {search.min_gain_decades} decades over the best (width "
+                f"{best[1]}, median 10^{best[0]:.1f}) ({since_best}/{search.patience})"
+            )
+        if best is None or score < best[0]:
+            best = (score, width)
         nxt = math.ceil(width * search.growth)
-        if frac >= search.fraction or nxt > search.max_width:
+        if since_best >= search.patience:
+            found, reason = best[1], "wider students stopped helping: best width taken"
+            break
+        if nxt > search.max_width:
+            found, reason = best[1], "max_width reached: best width taken"
             break
         width = nxt
-    return max(width, math.ceil(search.expansion * width)), tried
+    student_width = max(found, math.ceil(search.expansion * found))
+    return student_width, {
+        "found_width": found,
+        "student_width": student_width,
+        "reason": reason,
+        "tried": tried,
+    }
+
+
+def _late_gain(history: dict) -> float:
+    """Decades the median relative MSE fell over the last third of an Adam run's history."""
+    epochs, rel = history.get("epoch", []), history.get("relative_mse", [])
+    if len(epochs) < 3:
+        return 0.0
+    last = epochs[-1]
+    k = int(np.searchsorted(epochs, last - last / 3.0))
+    a = np.median(np.log10(np.maximum(np.asarray(rel[k], dtype=float), 1e-300)))
+    b = np.median(np.log10(np.maximum(np.asarray(rel[-1], dtype=float), 1e-300)))
+    return float(a - b) if np.isfinite(a - b) else 0.0
 
 
 def expand(
@@ -134,9 +193,10 @@ def expand(
             )
             seconds["search"] = time.perf_counter() - t0
             tried = ", ".join(
-                f"width {s['width']}: {s['fraction_reached']:.0%} reached" for s in search_log
+                f"width {s['width']}: {s['fraction_reached']:.0%} reached"
+                for s in search_log["tried"]
             )
-            log(f"expansion search: {tried} -> student width {width}")
+            log(f"expansion search: {tried}; {search_log['reason']} -> student width {width}")
         t0 = time.perf_counter()
         tr = train_students(xt, yt, [width] * n_layers, cfg.activation, cfg.train, cfg.device)
         seconds["train"] = time.perf_counter() - t0
@@ -167,6 +227,7 @@ def save_students(checkpoint: Checkpoint, expansion: Expansion) -> None:
             "student_width": expansion.width,
             "expansion_search": expansion.search,
             "stop_reason": tr.stop_reason,
+            "finish": tr.finish,
             "history": tr.history,
             "seconds": tr.seconds,
         },
@@ -204,5 +265,9 @@ def load_students(checkpoint: Checkpoint, queries: Queries, n_layers: int) -> Ex
         np.asarray(arrays["final_lr"]),
         meta.get("history", {}),
         meta.get("seconds", 0.0),
+        meta.get("finish"),
     )
-    return Expansion(tr, int(meta["student_width"]), meta.get("expansion_search"), True)
+    search = meta.get("expansion_search")
+    if isinstance(search, list):  # checkpoints written before the search had a record
+        search = {"tried": search}
+    return Expansion(tr, int(meta["student_width"]), search, True)

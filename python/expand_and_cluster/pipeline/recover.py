@@ -94,7 +94,7 @@ class RecoveryResult:
         return self.expansion.width
 
     @property
-    def expansion_search(self) -> list | None:
+    def expansion_search(self) -> dict | None:
         return self.expansion.search
 
     @property

@@ -170,15 +170,16 @@ class Expansion:
     training : the students and their training record
         (:class:`~expand_and_cluster.pipeline.train.TrainResult`).
     width : the students' hidden width (every layer).
-    search : per width the expansion search tried, ``{"width", "relative_mse": [per quick
-        student], "fraction_reached"}``; None when the width was given or resumed without one.
+    search : the expansion search's record (:func:`~expand_and_cluster.pipeline.expand.
+        expansion_search`: found width, reason, and per width tried its quick students' losses
+        and the decision); None when the width was given or resumed without one.
     resumed : True when the students came from a checkpoint.
     seconds : ``{"search", "train"}`` wall time.
     """
 
     training: TrainResult
     width: int
-    search: list[dict] | None = None
+    search: dict | None = None
     resumed: bool = False
     seconds: dict = field(default_factory=lambda: {"search": 0.0, "train": 0.0})
 
