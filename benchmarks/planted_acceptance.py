@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from expand_and_cluster import planted_teacher, save_network
 from expand_and_cluster.io.files import write_json_atomic
-from expand_and_cluster.teachers import planted_teacher, save_network
 
 CLASSES = ["g", "tanh", "sigmoid", "softplus", "relu"]
 
