@@ -164,7 +164,8 @@ class ExpansionSearchConfig:
     trend_decades : see ``extensions``.
     patience : the search stops after this many consecutive widths that lower the best median
         relative MSE by less than ``min_gain_decades`` decades ("wider students stop helping");
-        then, as at ``max_width``, the best width seen is taken.
+        then, as at ``max_width``, the smallest width within ``min_gain_decades`` decades of the
+        best median is taken.
     min_gain_decades : see ``patience``.
     """
 

@@ -46,8 +46,8 @@ def expansion_search(
       ``search.extensions``) before the width is judged;
     - **no gain**: after ``search.patience`` consecutive widths that lower the best median
       relative MSE by less than ``search.min_gain_decades`` decades, or past
-      ``search.max_width``, the search ends with the width of the best median seen (never the
-      cap by default).
+      ``search.max_width``, the search ends with the smallest width whose median is within
+      ``search.min_gain_decades`` decades of the best one seen (never the cap by default).
 
     Returns
     -------
@@ -118,11 +118,13 @@ def expansion_search(
         if best is None or score < best[0]:
             best = (score, width)
         nxt = math.ceil(width * search.growth)
-        if since_best >= search.patience:
-            found, reason = best[1], "wider students stopped helping: best width taken"
-            break
-        if nxt > search.max_width:
-            found, reason = best[1], "max_width reached: best width taken"
+        if since_best >= search.patience or nxt > search.max_width:
+            found = _smallest_near_best(tried, search)
+            reason = (
+                "wider students stopped helping"
+                if since_best >= search.patience
+                else "max_width reached"
+            ) + f": the smallest width within {search.min_gain_decades} decades of the best"
             break
         width = nxt
     student_width = max(found, math.ceil(search.expansion * found))
@@ -132,6 +134,14 @@ def expansion_search(
         "reason": reason,
         "tried": tried,
     }
+
+
+def _smallest_near_best(tried: list[dict], search: ExpansionSearchConfig) -> int:
+    """The smallest tried width whose median relative MSE (floored at the target) is within
+    ``search.min_gain_decades`` decades of the lowest one."""
+    scores = [math.log10(max(t["median_relative_mse"], search.target_relative_mse)) for t in tried]
+    best = min(scores)
+    return min(t["width"] for t, s in zip(tried, scores) if s <= best + search.min_gain_decades)
 
 
 def _late_gain(history: dict) -> float:
