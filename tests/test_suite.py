@@ -113,6 +113,12 @@ def test_run_resume_and_summary(tmp_path, capsys):
     assert all(r["repair_added"] == 0 and r["repair_pruned"] == 0 for r in rows)
     assert all(not r["retrained"] and r["success_without_retrain"] for r in rows)
     assert all(r["epochs"] == QUICK["train.max_epochs"] for r in rows)
+    # Stage times: each part of the total, the finish part of the students' training.
+    for r in rows:
+        st = r["stage_seconds"]
+        parts = st["search"] + st["train"] + st["cluster"] + st["finetune"] + st["repair"]
+        assert 0 < parts <= st["total"] + 1e-6 <= r["seconds"] + 1e-6
+        assert 0 < st["finish"] <= st["train"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["success_rate"] == 1.0 and summary["per_activation"]["relu"]["problems"] == 1
     for fig in ["success_vs_rho.png", "success_vs_axes.png", "time_per_problem.png"]:

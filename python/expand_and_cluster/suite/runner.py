@@ -87,6 +87,11 @@ def run_problem(problem: Problem, settings: dict[str, Any], device: str = "cpu")
         student_median_relative_mse=float(np.median(res.training.relative_mse)),
         dropped_clusters=len(res.clustering.dropped),
         seconds=time.perf_counter() - t0,
+        # Where the time went (report.json's timings_s, plus the students' float64 finish).
+        stage_seconds={
+            **{k: float(v) for k, v in res.timings_s.items()},
+            "finish": float((res.training.finish or {}).get("seconds", 0.0)),
+        },
     )
     row["success"] = bool(exact and al["max"] < THRESHOLDS[0])
     row["success_1e-6"] = bool(exact and al["max"] < THRESHOLDS[1])
