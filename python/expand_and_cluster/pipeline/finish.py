@@ -1,13 +1,13 @@
-"""The float64 finish of a student ensemble after Adam: a batched Levenberg-Marquardt (small
-students) or L-BFGS (large students), where every student stops on its own rule and leaves the
-batch.
+"""The float64 finish of a student ensemble after Adam: batched L-BFGS and a batched
+Levenberg-Marquardt, where every student stops on its own rule and leaves the batch.
 
 Stop rule of a student (docs/method.md, step 1): it stops
 
 - at the **target**: relative MSE <= ``target`` (float64 round-off is ~1e-30);
-- when **stalled**: the decades of relative MSE it gained over the last ``window`` iterations,
-  extended at that rate, would not reach the target within the iterations left (for
-  Levenberg-Marquardt also when no damped step lowers its loss any more);
+- when **stalled**: it gained fewer than :data:`LBFGS_MIN_DECADES` decades of relative MSE over
+  the last :data:`LBFGS_WINDOW` L-BFGS iterations, or fewer than :data:`LM_MIN_DECADES` over the
+  last :data:`LM_WINDOW` Levenberg-Marquardt iterations (or its damping passed
+  :data:`LM_MAX_DAMPING`: no damped step lowers its loss);
 - at the **budget** of iterations.
 
 Source: Martinelli et al. 2024, Sec. 3 step 1 (students trained to near-zero loss); Nocedal &
