@@ -188,15 +188,25 @@ class _Run:
         for i in self.active:
             self.reason[i] = "budget"
 
-    def stop(self, keep_mask: np.ndarray, reasons: dict[int, str]) -> None:
+    def write_back(self, batch: StudentEnsemble, flat: torch.Tensor) -> None:
+        """Put the flat parameters ``flat`` ``[n_active, n_params]`` into ``batch`` (the active
+        students) and ``batch`` into the full ensemble."""
+        _unflat_into(flat, batch.params())
+        idx = torch.as_tensor(self.active, device=self.ens.device)
+        for full, part in zip(self.ens.params(), batch.params()):
+            full.index_copy_(0, idx, part)
+
+    def leave(self, batch, flat, keep: np.ndarray, reasons: dict[int, str]):
+        """The students not in ``keep`` leave the batch with their ``reasons``: the batch is
+        written back (:meth:`write_back`); returns the positions kept (a device index tensor to
+        compact the batch's state with), or None when no student is left."""
+        self.write_back(batch, flat)
         for j, r in reasons.items():
             self.reason[self.active[j]] = r
-        self.active = self.active[keep_mask]
-
-    def write_back(self, sub: StudentEnsemble, rows: np.ndarray) -> None:
-        idx = torch.as_tensor(rows, device=self.ens.device)
-        for full, part in zip(self.ens.params(), sub.params()):
-            full.index_copy_(0, idx, part)
+        self.active = self.active[keep]
+        if not keep.any():
+            return None
+        return torch.as_tensor(np.flatnonzero(keep), device=batch.device)
 
     def result(self, method: str) -> FinishResult:
         return FinishResult(
@@ -333,14 +343,10 @@ def _lbfgs(run: _Run, xs, ys, iterations: int, fixed: bool, target: float, histo
         keep, reasons = _stop_checks(rel, logs, window, target, LBFGS_MIN_DECADES)
         if keep.all():
             continue
-        # Students leave the batch: write them back, compact the state.
-        _unflat_into(p, params)
-        run.write_back(cur, run.active)
-        run.stop(keep, reasons)
-        if not keep.any():
+        k = run.leave(cur, p, keep, reasons)
+        if k is None:
             break
-        k = torch.as_tensor(np.flatnonzero(keep), device=dev)
-        cur = cur.select(k)
+        cur = cur.select(k)  # compact the batch and its state
         params = cur.params()
         n = cur.n_students
         p, g, loss, t, first = (v.index_select(0, k) for v in (p, g, loss, t, first))
@@ -351,8 +357,7 @@ def _lbfgs(run: _Run, xs, ys, iterations: int, fixed: bool, target: float, histo
         logs = [v[keep] for v in logs]
     bar.close()
     if len(run.active):
-        _unflat_into(p, params)
-        run.write_back(cur, run.active)
+        run.write_back(cur, p)
 
 
 #: Levenberg-Marquardt stall rule: a student stalls when it gained fewer than LM_MIN_DECADES
@@ -451,13 +456,10 @@ def _levenberg_marquardt(run: _Run, xs, ys, iterations: int) -> None:
     it = 0
     while True:
         if not keep.all():
-            _unflat_into(theta, params)
-            run.write_back(cur, run.active)
-            run.stop(keep, reasons)
-            if not keep.any():
+            k = run.leave(cur, theta, keep, reasons)
+            if k is None:
                 break
-            k = torch.as_tensor(np.flatnonzero(keep), device=dev)
-            cur = cur.select(k)
+            cur = cur.select(k)  # compact the batch and its state
             params = cur.params()
             theta, lam, jtj, jtr, sse = (v.index_select(0, k) for v in (theta, lam, jtj, jtr, sse))
             logs = [v[keep] for v in logs]
@@ -494,5 +496,4 @@ def _levenberg_marquardt(run: _Run, xs, ys, iterations: int) -> None:
             reasons[int(j)] = "stalled"
     bar.close()
     if len(run.active):
-        _unflat_into(theta, params)
-        run.write_back(cur, run.active)
+        run.write_back(cur, theta)
