@@ -51,6 +51,10 @@ class TrainConfig:
     lm_max_params : "auto"'s crossover: parameters per student times d_out (Jacobian entries
         per query; benchmarks/RESULTS.md).
     finish_target : relative MSE at which a student's finish stops.
+    finish_rounds : students whose finish ended at its budget (still improving: neither at
+        ``finish_target`` nor stalled) get up to this many more finishes of the same budget.
+    finish_stall_decades : the L-BFGS finish's stall rule: a student stalls when it gains fewer
+        decades of relative MSE than this over 200 iterations.
     handover_window : epochs; at every multiple of it, a student whose relative MSE fell by
         fewer than ``handover_decades`` decades since the previous multiple leaves Adam for the
         finish (stop reason "stalled"). None: ``max(16, max_epochs // 10)`` rounded up to a
@@ -79,6 +83,8 @@ class TrainConfig:
     lm_iterations: int = 100
     lm_max_params: int = 256
     finish_target: float = 1e-20
+    finish_rounds: int = 0
+    finish_stall_decades: float = 0.1
     handover_window: int | None = 0
     handover_decades: float = 0.05
     dtype: str = "float32"
@@ -104,6 +110,8 @@ class TrainConfig:
                 ("lm_iterations", self.lm_iterations >= 0, ">= 0"),
                 ("lm_max_params", self.lm_max_params >= 0, ">= 0"),
                 ("finish_target", self.finish_target >= 0, ">= 0"),
+                ("finish_rounds", self.finish_rounds >= 0, ">= 0"),
+                ("finish_stall_decades", self.finish_stall_decades >= 0, ">= 0"),
                 (
                     "handover_window",
                     self.handover_window is None or self.handover_window >= 0,

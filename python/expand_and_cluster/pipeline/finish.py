@@ -4,10 +4,10 @@ Levenberg-Marquardt, where every student stops on its own rule and leaves the ba
 Stop rule of a student (docs/method.md, step 1): it stops
 
 - at the **target**: relative MSE <= ``target`` (float64 round-off is ~1e-30);
-- when **stalled**: it gained fewer than :data:`LBFGS_MIN_DECADES` decades of relative MSE over
-  the last :data:`LBFGS_WINDOW` L-BFGS iterations, or fewer than :data:`LM_MIN_DECADES` over the
-  last :data:`LM_WINDOW` Levenberg-Marquardt iterations (or its damping passed
-  :data:`LM_MAX_DAMPING`: no damped step lowers its loss);
+- when **stalled**: it gained fewer than ``stall_decades`` (:data:`LBFGS_MIN_DECADES`)
+  decades of relative MSE over the last :data:`LBFGS_WINDOW` L-BFGS iterations, or fewer than
+  :data:`LM_MIN_DECADES` over the last :data:`LM_WINDOW` Levenberg-Marquardt iterations (or its
+  damping passed :data:`LM_MAX_DAMPING`: no damped step lowers its loss);
 - at the **budget** of iterations.
 
 Source: Martinelli et al. 2024, Sec. 3 step 1 (students trained to near-zero loss); Nocedal &
@@ -18,7 +18,6 @@ diagonal scaling).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -46,8 +45,9 @@ class FinishResult:
     iterations : ``[N]`` iterations each student ran (both phases of "lm+lbfgs").
     stop_reason : per student "target", "stalled" or "budget" (of its last phase).
     history : ``{"seconds": [...], "iteration": [...], "relative_mse": [[N floats], ...]}``,
-        one entry per stop check (the benchmark's time-to-precision curves).
+        one entry per stop check of the first round (the benchmark's time-to-precision curves).
     seconds : wall time.
+    rounds : finishes run (``TrainConfig.finish_rounds``); ``iterations`` counts them all.
     """
 
     method: str
@@ -56,6 +56,7 @@ class FinishResult:
     stop_reason: list[str]
     history: dict = field(default_factory=dict)
     seconds: float = 0.0
+    rounds: int = 1
 
     def summary(self, var_y: float) -> dict:
         """JSON-able per-student record: method, iterations, stop reasons, relative MSE."""
@@ -65,6 +66,7 @@ class FinishResult:
             "stop_reason": list(self.stop_reason),
             "relative_mse": (self.mse / var_y).tolist(),
             "seconds": self.seconds,
+            "rounds": self.rounds,
         }
 
 
@@ -99,6 +101,7 @@ def finish(
     target: float = 1e-20,
     var_y: float = 1.0,
     progress: bool = False,
+    stall_decades: float | None = None,
 ) -> FinishResult:
     """Finish every student in float64, in place (``ens`` must be float64).
 
@@ -111,6 +114,8 @@ def finish(
     lbfgs_iterations, lm_iterations : budgets of the two methods (iterations per student).
     lm_max_params : "auto"'s crossover (parameters per student times d_out).
     target : relative MSE at which a student stops. var_y : the relative-MSE denominator.
+    stall_decades : the L-BFGS stall rule's least gain over :data:`LBFGS_WINDOW` iterations
+        (None: :data:`LBFGS_MIN_DECADES`).
 
     Returns
     -------
@@ -122,6 +127,7 @@ def finish(
         On an unknown method.
     """
     chosen = choose_finish(method, ens.widths, lm_max_params)
+    stall = LBFGS_MIN_DECADES if stall_decades is None else stall_decades
     torch_path = ops.uses_torch_path(ens.widths, ens.device)
     with ops.threads(torch_threads=None if (torch_path or chosen == "lm") else 1):
         xs = x.to(dtype=ens.dtype, device=ens.device).contiguous()
@@ -132,26 +138,17 @@ def finish(
         if chosen == "lm+lbfgs":
             run.restart(run.mse / var_y > LM_SWITCH)
         if chosen != "lm":
-            _lbfgs(run, xs, ys, lbfgs_iterations, chosen == "lbfgs-fixed", target)
+            _lbfgs(run, xs, ys, lbfgs_iterations, chosen == "lbfgs-fixed", target, stall)
         return run.result(chosen)
 
 
-def stalled(
-    log_rel: list[np.ndarray], window: int, left: int, target: float, min_decades: float = 0.0
-) -> np.ndarray:
+def stalled(log_rel: list[np.ndarray], window: int, min_decades: float) -> np.ndarray:
     """The stall rule: per student, True when the decades of relative MSE it gained over the last
     ``window`` checks (``log_rel``: one ``[n]`` array of log10 relative MSE per check, latest
-    last) are fewer than ``min_decades``, or, extended at that rate over the ``left`` iterations
-    still allowed, do not reach log10(target) (``left`` None: this projection is not made).
-    False while fewer than ``window + 1`` checks exist."""
+    last) are fewer than ``min_decades``. False while fewer than ``window + 1`` checks exist."""
     if len(log_rel) <= window:
         return np.zeros(len(log_rel[-1]) if log_rel else 0, dtype=bool)
-    gained = log_rel[-window - 1] - log_rel[-1]
-    out = gained < min_decades
-    if left is not None:
-        needed = log_rel[-1] - math.log10(max(target, 1e-300))
-        out |= gained * (left / window) < needed
-    return out
+    return log_rel[-window - 1] - log_rel[-1] < min_decades
 
 
 class _Run:
@@ -237,7 +234,7 @@ def _stop_checks(rel: np.ndarray, logs: list, window: int, target: float, min_de
     keep = np.ones(len(rel), dtype=bool)
     reasons = {}
     at_target = rel <= target
-    stall = stalled(logs, window, None, target, min_decades)
+    stall = stalled(logs, window, min_decades)
     for j in np.flatnonzero(at_target | stall):
         reasons[int(j)] = "target" if at_target[j] else "stalled"
         keep[j] = False
@@ -254,7 +251,7 @@ LBFGS_WINDOW = 200
 LBFGS_MIN_DECADES = 0.1
 
 
-def _lbfgs(run: _Run, xs, ys, iterations: int, fixed: bool, target: float, history_size=20):
+def _lbfgs(run: _Run, xs, ys, iterations: int, fixed: bool, target, stall_decades, history_size=20):
     """Batched L-BFGS (one fused loss-and-gradient call per iteration for the active students,
     each with its own curvature pairs and step length; Armijo backtracking per student: a
     rejected student halves its step and retries the same direction at the next iteration).
@@ -340,7 +337,7 @@ def _lbfgs(run: _Run, xs, ys, iterations: int, fixed: bool, target: float, histo
         if fixed:
             continue
         window = max(1, LBFGS_WINDOW // run.sync_every)
-        keep, reasons = _stop_checks(rel, logs, window, target, LBFGS_MIN_DECADES)
+        keep, reasons = _stop_checks(rel, logs, window, target, stall_decades)
         if keep.all():
             continue
         k = run.leave(cur, p, keep, reasons)

@@ -53,6 +53,22 @@ class TrainResult:
     seconds: float = 0.0
     finish: dict | None = None
 
+    @property
+    def still_improving(self) -> int:
+        """Students whose finish ended at its budget, still improving (not converged)."""
+        return sum(r == "budget" for r in (self.finish or {}).get("stop_reason", []))
+
+    def describe(self) -> str:
+        """One line: best and median relative MSE, and how many students had not converged."""
+        rel = self.relative_mse
+        text = f"relative MSE best {rel.min():.2e}, median {np.median(rel):.2e}"
+        if self.still_improving:
+            text += (
+                f"; {self.still_improving} of {len(rel)} still improving at the end of the "
+                "finish budget (not converged)"
+            )
+        return text
+
 
 def output_variance(y: torch.Tensor) -> float:
     """Mean over outputs of Var(y) over the queries (the relative-MSE denominator; 1 if 0)."""
@@ -275,12 +291,45 @@ def _train_students(x, y, hidden_widths, activation, config, device, students, d
             target=cfg.finish_target,
             var_y=var_y,
             progress=cfg.progress,
+            stall_decades=cfg.finish_stall_decades,
         )
+        for _ in range(cfg.finish_rounds):
+            more = np.flatnonzero(np.asarray(fin.stop_reason) == "budget")
+            if not len(more):
+                break
+            _finish_more(ens, fin, more, x, y, cfg, var_y)
         rel = fin.mse / var_y
         summary = fin.summary(var_y)
     return TrainResult(
         ens, rel, epochs, reason, final_lr, history, time.perf_counter() - t0, summary
     )
+
+
+def _finish_more(ens, fin, index: np.ndarray, x, y, cfg: TrainConfig, var_y: float) -> None:
+    """One more finish of the students ``index`` (still improving at the end of the last),
+    written into ``ens`` and merged into ``fin`` (iterations added, MSE and stop reasons
+    replaced, ``rounds`` counted)."""
+    part = ens.select(index)
+    more = finish(
+        part,
+        x,
+        y,
+        cfg.finish,
+        lbfgs_iterations=cfg.polish_iterations,
+        lm_iterations=cfg.lm_iterations,
+        lm_max_params=cfg.lm_max_params,
+        target=cfg.finish_target,
+        var_y=var_y,
+        progress=cfg.progress,
+        stall_decades=cfg.finish_stall_decades,
+    )
+    _write_back(ens, part, index)
+    fin.mse[index] = more.mse
+    fin.iterations[index] += more.iterations
+    for j, i in enumerate(index):
+        fin.stop_reason[i] = more.stop_reason[j]
+    fin.seconds += more.seconds
+    fin.rounds += 1
 
 
 def _write_back(ens: StudentEnsemble, cur: StudentEnsemble, active: np.ndarray) -> None:
