@@ -90,6 +90,12 @@ def test_stages_pass_results_forward(graph):
         deps = graph[f"pipeline.{stage}"]
         for other in STAGES[:i] + STAGES[i + 1 :]:
             assert f"pipeline.{other}" not in deps, f"pipeline.{stage} imports pipeline.{other}"
-    shared = ["pipeline.train", "pipeline.fit", "pipeline.cut", "pipeline.residual"]
+    shared = [
+        "pipeline.train",
+        "pipeline.fit",
+        "pipeline.cut",
+        "pipeline.residual",
+        "pipeline.deep_repair",
+    ]
     for name in shared:
         assert not {f"pipeline.{s}" for s in STAGES} & graph[name], name

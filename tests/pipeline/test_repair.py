@@ -240,7 +240,7 @@ def test_repair_rejects_deep_networks_and_bad_settings():
 
 def test_recover_repairs_the_last_layer_of_a_deep_network():
     from expand_and_cluster.config import RecoverConfig
-    from expand_and_cluster.pipeline.repair import repair_last_layer
+    from expand_and_cluster.pipeline.repair import repair_deep
 
     t = planted_teacher(4, [4, 3], 1, "tanh", seed=1, min_angle_degrees=30)
     x, y = probe(t, 1000, "gaussian", seed=0)
@@ -257,10 +257,11 @@ def test_recover_repairs_the_last_layer_of_a_deep_network():
     assert metrics.relative_mse(net.forward(x), y) > 1e-6
     cand = [{"incoming": top[missing] * 1.001, "size": 3, "median_angle_degrees": 1.0}]
     cfg = RecoverConfig(activation="tanh", hidden_layers=2, finetune_iterations=300)
-    res = repair_last_layer(net, cand, x, y, cfg)
+    res = repair_deep(net, [[], cand], x, y, cfg)
     assert res.changed and res.before is net and res.width_before == 2
     assert res.network.hidden_sizes == [4, 3]
     assert res.to_json()["layer"] == 1 and res.to_json()["width_after"] == 3
+    assert res.to_json()["widths_after"] == [4, 3]
     assert metrics.relative_mse(res.network.forward(x), y) < 1e-12
     np.testing.assert_allclose(res.network.weights[0], t.weights[0], atol=1e-5)
 

@@ -53,11 +53,22 @@ class RecoverConfig:
         "fresh" (new students of the remaining depth trained from scratch on its outputs).
     device : "cpu" or "cuda": student training and the clustering's distance matrices.
     retrain_factor : when the recovered network's training relative MSE is above
-        ``retrain_above`` and at least ``retrain_gap`` times the students' median, the students
-        are trained once more from the same seed at the same width with the schedule
-        ``retrain_factor`` times longer (:meth:`TrainConfig.stretched`), and the better result is
-        kept. 1: never (not in the paper).
-    retrain_above, retrain_gap : see ``retrain_factor``.
+        ``retrain_above`` and at least ``retrain_gap`` times the students' median, or the
+        students' median is above ``retrain_above`` too, the students are trained once more from
+        the same seed at the same width with the schedule ``retrain_factor`` times longer
+        (:meth:`TrainConfig.stretched`), and the better result is kept. 1: never (not in the
+        paper).
+    retrain_above : the relative MSE under which a recovery counts as exact (raise it for a
+        teacher the students cannot imitate exactly, such as one trained on real data);
+        retrain_gap : see ``retrain_factor``. The same test marks a final result "degraded"
+        (:func:`~expand_and_cluster.pipeline.recover.degradation`).
+    deep_finish_rounds : networks with several hidden layers: the students that feed a layer to
+        be clustered get at least this many more finish budgets while their finish ends at its
+        budget, still improving (``train.finish_rounds``); a layer is clustered from converged
+        students where the budget allows.
+    deep_stall_decades : networks with several hidden layers: the finish's stall rule asks at
+        most this gain per 200 iterations (``train.finish_stall_decades``); deep students often
+        improve slowly but steadily for thousands of iterations.
     """
 
     activation: str
@@ -77,6 +88,8 @@ class RecoverConfig:
     retrain_factor: int = 1
     retrain_above: float = 1e-6
     retrain_gap: float = 10.0
+    deep_finish_rounds: int = 2
+    deep_stall_decades: float = 0.02
 
     def __post_init__(self) -> None:
         try:
@@ -99,6 +112,8 @@ class RecoverConfig:
                  and self.retrain_factor >= 1, "an integer >= 1"),
                 ("retrain_above", self.retrain_above >= 0, ">= 0"),
                 ("retrain_gap", self.retrain_gap >= 1, ">= 1"),
+                ("deep_finish_rounds", self.deep_finish_rounds >= 0, ">= 0"),
+                ("deep_stall_decades", self.deep_stall_decades >= 0, ">= 0"),
                 ("upper_students", self.upper_students in UPPER_STUDENTS,
                  f"one of {UPPER_STUDENTS}"),
                 ("device", self.device in ("cpu", "cuda"), "'cpu' or 'cuda'"),
@@ -107,6 +122,20 @@ class RecoverConfig:
         for name, cls in _NESTED.items():
             if not isinstance(getattr(self, name), cls):
                 raise InputError(f"{name}: expected a {cls.__name__}")
+
+    @property
+    def student_train(self) -> TrainConfig:
+        """``train`` as this recovery's students train: with several hidden layers, with at
+        least ``deep_finish_rounds`` finish rounds and a stall rule of at most
+        ``deep_stall_decades``."""
+        t = self.train
+        if int(self.hidden_layers) < 2:
+            return t
+        return dataclasses.replace(
+            t,
+            finish_rounds=max(t.finish_rounds, self.deep_finish_rounds),
+            finish_stall_decades=min(t.finish_stall_decades, self.deep_stall_decades),
+        )
 
     # -- the dotted-key vocabulary --------------------------------------------------------------
 
@@ -259,7 +288,8 @@ def parse_assignments(assignments: Iterable[str], where: str = "--set") -> dict[
 #: Settings of the command line and the suites where they set nothing else: a short Adam
 #: schedule on mini-batches that hands each student over to the float64 finish when its
 #: progress stalls; the finish is what makes the students precise enough to cluster (the
-#: library's own defaults are the paper's long schedule).
+#: library's own defaults are the paper's long schedule), and the retrain on (a recovered
+#: network far worse than its students is trained again, 4 times longer).
 RUN_DEFAULTS: dict[str, Any] = {
     "train.n_students": 20,
     "train.max_epochs": 300,
@@ -270,4 +300,5 @@ RUN_DEFAULTS: dict[str, Any] = {
     "cluster.beta_degrees": 60.0,
     "finetune_iterations": 3000,
     "held_out_fraction": 0.1,
+    "retrain_factor": 4,
 }

@@ -208,12 +208,13 @@ def expand(
             )
             log(f"expansion search: {tried}; {search_log['reason']} -> student width {width}")
         t0 = time.perf_counter()
-        tr = train_students(xt, yt, [width] * n_layers, cfg.activation, cfg.train, cfg.device)
+        tr = train_students(
+            xt, yt, [width] * n_layers, cfg.activation, cfg.student_train, cfg.device
+        )
         seconds["train"] = time.perf_counter() - t0
-        rel = tr.relative_mse
         log(
-            f"trained {len(rel)} students of width {width} in {seconds['train']:.1f} s: "
-            f"relative MSE best {rel.min():.2e}, median {np.median(rel):.2e}"
+            f"trained {len(tr.relative_mse)} students of width {width} in "
+            f"{seconds['train']:.1f} s: {tr.describe()}"
         )
         out = Expansion(tr, width, search_log, False, seconds)
     if checkpoint is not None:

@@ -23,7 +23,7 @@ from ..students import StudentEnsemble
 from .cluster import LayerClustering, cluster_layer
 from .fit import finetune, hidden_features, layer_features, orient_layer
 from .stages import Expansion, Layers, LayerSummary, Log, Queries, input_mask_from_queries, quiet
-from .train import train_students
+from .train import TrainResult, train_students
 
 
 def cluster_layers(
@@ -87,6 +87,7 @@ def cluster_layers(
                 losses = np.asarray(arrays["relative_mse"])
                 u = np.concatenate([plain[-1], plain[-2]], axis=1) if linear else plain[-1]
             start = last + 1
+            out.layer_candidates = [[] for _ in range(start)]
             out.resumed_from = f"layer_{last}"
             log(f"resumed after hidden layer {last} (widths {[len(v) for v in out.incoming]})")
 
@@ -101,10 +102,9 @@ def cluster_layers(
         )
         if l == 0:
             out.first = cl
+        candidates = dropped_representatives(cl, incoming.numpy(), losses, cfg.cluster.beta_degrees)
         if l == n_layers - 1:
-            out.candidates = dropped_representatives(
-                cl, incoming.numpy(), losses, cfg.cluster.beta_degrees
-            )
+            out.candidates = candidates
         dt = time.perf_counter() - t0
         out.seconds["cluster"] += dt
         summary = LayerSummary.from_clustering(l, cl, dt)
@@ -124,9 +124,12 @@ def cluster_layers(
             )
             v = v @ res.transform.T
             lin_terms = lin_terms @ res.transform.T
+            for c in candidates:
+                c["incoming"] = c["incoming"] @ res.transform.T
             plain[l] = hidden_features(plain[l - 1], out.incoming[-1], act.name)
         out.incoming.append(v)
         out.summaries.append(summary)
+        out.layer_candidates.append(candidates)
         if l < n_layers - 1:
             t0 = time.perf_counter()
             upper = _insert_layer(ens, cl, lin_terms)
@@ -135,16 +138,15 @@ def cluster_layers(
                 plain = [x] + layer_features(out.incoming, x, act.name)[:l]
             plain.append(hidden_features(plain[l], out.incoming[l], act.name))
             u = np.concatenate([plain[l + 1], plain[l]], axis=1) if linear else plain[l + 1]
-            ens, losses = _train_upper(upper, u, y, l, cfg)
+            trained = _train_upper(upper, u, y, l, cfg)
+            ens = trained.students.to(dtype=torch.float64, device="cpu")
+            losses = trained.relative_mse
             summary.students_relative_mse = losses
             dt = time.perf_counter() - t0
             summary.seconds["finetune"] = dt
             out.seconds["finetune"] += dt
             what = "trained afresh" if cfg.upper_students == "fresh" else "fine-tuned"
-            log(
-                f"students {what} on the recovered layer {l} in {dt:.1f} s: relative MSE "
-                f"best {losses.min():.2e}, median {np.median(losses):.2e}"
-            )
+            log(f"students {what} on the recovered layer {l} in {dt:.1f} s: {trained.describe()}")
         if checkpoint is not None:
             _save_layer(checkpoint, l, out, ens if l < n_layers - 1 else None, losses)
     return out
@@ -196,17 +198,17 @@ def _refine(
     return [ref.network.incoming(i) for i in range(len(incoming))]
 
 
-def _train_upper(upper: StudentEnsemble, u: np.ndarray, y: np.ndarray, l: int, cfg):
+def _train_upper(upper: StudentEnsemble, u: np.ndarray, y: np.ndarray, l: int, cfg) -> TrainResult:
     """The students above recovered layer ``l`` trained on its outputs ``u``: ``upper``
     fine-tuned (Adam at ``layer_finetune_lr_factor`` times the learning rate, then the polish)
     or, with ``upper_students`` "fresh", new students of the same widths from scratch.
-    Returns (float64 CPU students, their relative MSE)."""
+    Returns the :class:`~expand_and_cluster.pipeline.train.TrainResult`."""
     seed = cfg.train.seed + 7919 * (l + 1)
     if cfg.upper_students == "fresh":
-        train, start_from = dataclasses.replace(cfg.train, seed=seed), None
+        train, start_from = dataclasses.replace(cfg.student_train, seed=seed), None
     else:
         train = dataclasses.replace(
-            cfg.train,
+            cfg.student_train,
             max_epochs=cfg.layer_finetune_epochs or max(1, cfg.train.max_epochs // 2),
             lr=cfg.train.lr * cfg.layer_finetune_lr_factor,
             seed=seed,
@@ -222,7 +224,7 @@ def _train_upper(upper: StudentEnsemble, u: np.ndarray, y: np.ndarray, l: int, c
         students=start_from,
         desc=f"students above layer {l}",
     )
-    return res.students.to(dtype=torch.float64, device="cpu"), res.relative_mse
+    return res
 
 
 def _save_layer(ckpt: Checkpoint, l: int, layers: Layers, ens, losses) -> None:

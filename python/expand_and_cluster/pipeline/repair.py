@@ -1,6 +1,6 @@
 """Stage 4, width repair (this package's, not the paper's: Martinelli et al. 2024, Sec. 3 ends
-with the fine-tune): correct the width of the last hidden layer where the fine-tuned network
-shows it is wrong. Decisions use the training queries only, so the held-out relative MSE stays
+with the fine-tune): correct the width of a hidden layer where the fine-tuned network shows it
+is wrong. Decisions use the training queries only, so the held-out relative MSE stays
 an unbiased score. docs/method.md, step 3, "Width repair", describes the rules and the cases
 that motivate them.
 
@@ -11,9 +11,11 @@ that motivate them.
   filter dropped (within beta) are tried as extra neurons, then residual neurons
   (:mod:`~expand_and_cluster.pipeline.residual`), each kept when it gains enough.
 
-A deep network's last hidden layer is repaired as a one-hidden-layer network on the features of
-the fixed layers below, then, if still inexact, by residual neurons with every weight fine-tuned
-(:func:`~expand_and_cluster.pipeline.residual.grow_deep_residual`).
+A deep network (:func:`repair_deep`) has its last hidden layer repaired first as a
+one-hidden-layer network on the features of the fixed layers below; then neurons are added to any
+hidden layer from its dropped clusters, residual neurons to the last one, and neurons an exact
+network does not need are removed from any layer, each change judged by the whole network with
+every weight fine-tuned (:mod:`~expand_and_cluster.pipeline.deep_repair`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..activations import get_activation
 from ..config import RecoverConfig, RepairConfig
 from ..metrics import relative_mse
 from ..network import Network
+from .deep_repair import grow_layers, prune_layers
 from .fit import (
     finetune,
     finetuned,
@@ -43,6 +46,17 @@ from .stages import Layers, Log, Queries, Reconstruction, quiet
 _MAX_SCORED = 64
 #: A grow round that lowers the relative MSE less than this many times ends the rounds.
 _MIN_ROUND_GAIN = 1.5
+#: Deep networks: the grow trials of :func:`repair_deep` see at most this many training queries
+#: (``repair.trial_queries`` 0).
+DEEP_TRIAL_QUERIES = 4096
+
+
+def _subset(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded random subset of ``n`` rows of (x, y) in their order, or (x, y) when n >= P."""
+    if not 0 < n < len(x):
+        return x, y
+    pick = np.sort(np.random.default_rng(0).choice(len(x), n, replace=False))
+    return x[pick], y[pick]
 
 
 @dataclass
@@ -57,6 +71,8 @@ class RepairResult:
     added : one dict per added neuron (see :func:`grow_neurons`).
     trials : fine-tunes run (prune and grow).
     seconds : wall time.
+    pruned_layers : the hidden layer of each removed neuron (deep networks; the last hidden
+        layer's index for a shallow one).
     """
 
     network: Network
@@ -65,6 +81,7 @@ class RepairResult:
     added: list = field(default_factory=list)
     trials: int = 0
     seconds: float = 0.0
+    pruned_layers: list = field(default_factory=list)
 
     @property
     def width_before(self) -> int:
@@ -80,7 +97,11 @@ class RepairResult:
             "layer": len(self.network.hidden_sizes) - 1,
             "width_before": self.width_before,
             "width_after": self.network.hidden_sizes[-1],
+            "widths_before": self.before.hidden_sizes,
+            "widths_after": self.network.hidden_sizes,
             "pruned": len(self.pruned),
+            "pruned_layers": self.pruned_layers
+            or [len(self.network.hidden_sizes) - 1] * len(self.pruned),
             "added": self.added,
             "trials": self.trials,
             "seconds": self.seconds,
@@ -325,10 +346,7 @@ def repair_width(
     t0 = time.perf_counter()
     if not config.enabled:
         return RepairResult(net, net, seconds=time.perf_counter() - t0)
-    xs, ys = x, y
-    if 0 < config.trial_queries < len(x):
-        pick = np.sort(np.random.default_rng(0).choice(len(x), config.trial_queries, replace=False))
-        xs, ys = x[pick], y[pick]
+    xs, ys = _subset(x, y, config.trial_queries)
     grown, added, t_grow = grow_neurons(net, candidates, xs, ys, config)
     pruned_net, pruned, t_prune = prune_neurons(
         grown,
@@ -348,50 +366,83 @@ def repair_width(
     return out
 
 
-def repair_last_layer(
-    network: Network, candidates: list[dict], x: np.ndarray, y: np.ndarray, cfg: RecoverConfig
+def repair_deep(
+    network: Network, layer_candidates: list[list[dict]], x: np.ndarray, y: np.ndarray, cfg
 ) -> RepairResult:
-    """Width repair (:func:`repair_width`) of the last hidden layer of ``network``.
+    """Width repair of every hidden layer of a deep network, each change judged by the whole
+    network after every weight is fine-tuned.
 
-    With one hidden layer, the network itself. With several (classes without a linear term
-    only), the top part (last hidden layer and output layer) is repaired on the features of the
-    fixed layers below and the whole network is then fine-tuned when anything changed; when it
-    is still above ``grow_target``, residual neurons are grown with every weight fine-tuned
-    (:func:`~expand_and_cluster.pipeline.residual.grow_deep_residual`). The returned result's
-    ``network`` and ``before`` are whole networks.
+    1. The last hidden layer and the output layer are repaired by :func:`repair_width` on the
+       features of the fixed layers below (classes without a linear term), and the whole
+       network is fine-tuned when anything changed.
+    2. Neurons are added to any hidden layer from its dropped clusters
+       (:func:`~expand_and_cluster.pipeline.deep_repair.grow_layers`, trials on
+       ``repair.trial_queries`` or :data:`DEEP_TRIAL_QUERIES` of the queries, the grown network
+       then fine-tuned on all), then (classes without a
+       linear term) residual neurons to the last one
+       (:func:`~expand_and_cluster.pipeline.residual.grow_deep_residual`), while the network is
+       above ``grow_target``.
+    3. Neurons an exact network does not need are removed from any hidden layer
+       (:func:`~expand_and_cluster.pipeline.deep_repair.prune_layers`).
+    Each step that changed the network is followed by a fine-tune of every weight on all the
+    queries (``cfg.finetune_iterations``).
+
+    Parameters
+    ----------
+    network : the fine-tuned recovered network (at least two hidden layers, float64).
+    layer_candidates : per hidden layer, its dropped clusters' representatives over that
+        layer's input (``Layers.layer_candidates``; empty lists for layers resumed from a
+        checkpoint).
+    x, y : ``[P, d_in]``, ``[P, d_out]`` float64 training queries.
+    cfg : the :class:`~expand_and_cluster.config.RecoverConfig`.
+
+    Returns
+    -------
+    RepairResult whose ``network`` and ``before`` are whole networks.
     """
-    if len(network.hidden_sizes) == 1:
-        return repair_width(
-            network, candidates, x, y, cfg.repair, final_iterations=cfg.finetune_iterations
-        )
-    below = layer_features(
-        [network.incoming(i) for i in range(len(network.weights) - 2)], x, network.activation
-    )[-1]
-    top = Network(network.weights[-2:], network.biases[-2:], network.activation)
-    res = repair_width(top, candidates, below, y, cfg.repair, final_iterations=0)
-    res.before = network
+    t0 = time.perf_counter()
+    res = RepairResult(network, network)
+    if not cfg.repair.enabled:
+        return res
+    linear = get_activation(network.activation).symmetry.has_linear_term
     full = network
-    if res.changed:
-        full = Network(
-            network.weights[:-2] + res.network.weights,
-            network.biases[:-2] + res.network.biases,
-            network.activation,
-        )
-        if cfg.finetune_iterations > 0:
-            full = finetune(full, x, y, max_iterations=cfg.finetune_iterations).network
-    # Then residual neurons with every weight fine-tuned (the fixed features may be bent); it
-    # returns at once when ``full`` is within grow_target.
-    if cfg.repair.enabled and cfg.repair.grow_candidates > 0:
-        t0 = time.perf_counter()
-        grown, added, trials = grow_deep_residual(full, x, y, cfg.repair)
-        res.trials += trials
+    fixed = [network.incoming(i) for i in range(len(network.weights) - 2)]
+    if not linear:
+        below = layer_features(fixed, x, network.activation)[-1]
+        top = Network(network.weights[-2:], network.biases[-2:], network.activation)
+        last = layer_candidates[-1] if layer_candidates else []
+        part = repair_width(top, last, below, y, cfg.repair, final_iterations=0)
+        res.added, res.pruned, res.trials = part.added, part.pruned, part.trials
+        res.pruned_layers = [len(fixed)] * len(part.pruned)
+        if part.changed:
+            full = Network(
+                network.weights[:-2] + part.network.weights,
+                network.biases[:-2] + part.network.biases,
+                network.activation,
+            )
+            full = finetuned(full, x, y, cfg.finetune_iterations, lm=True)
+    candidates = list(layer_candidates) + [[]] * (len(network.hidden_sizes) - len(layer_candidates))
+    # The grow trials fine-tune the whole network: they see a seeded subset of the queries.
+    xs, ys = _subset(x, y, cfg.repair.trial_queries or DEEP_TRIAL_QUERIES)
+    grown, added, trials = grow_layers(full, candidates, xs, ys, cfg.repair)
+    if added:
+        full = finetuned(grown, x, y, cfg.finetune_iterations, lm=True)
+    res.added, res.trials = res.added + added, res.trials + trials
+    if not linear and cfg.repair.grow_candidates > 0:
+        # Residual neurons with every weight fine-tuned; it returns at once when ``full`` is
+        # within grow_target.
+        grown, added, trials = grow_deep_residual(full, xs, ys, cfg.repair)
+        res.added, res.trials = res.added + added, res.trials + trials
         if added:
-            res.added = res.added + added
-            full = grown
-            if cfg.finetune_iterations > 0:
-                full = finetune(full, x, y, max_iterations=cfg.finetune_iterations).network
-        res.seconds += time.perf_counter() - t0
+            full = finetuned(grown, x, y, cfg.finetune_iterations, lm=True)
+    full, removed, trials = prune_layers(full, x, y, cfg.repair)
+    res.pruned = res.pruned + [r["incoming"] for r in removed]
+    res.pruned_layers = res.pruned_layers + [r["layer"] for r in removed]
+    res.trials += trials
+    if removed:
+        full = finetuned(full, x, y, cfg.finetune_iterations, lm=True)
     res.network = full
+    res.seconds = time.perf_counter() - t0
     return res
 
 
@@ -403,27 +454,35 @@ def repair(
     *,
     log: Log = quiet,
 ) -> RepairResult | None:
-    """Stage 4: :func:`repair_last_layer` of the reconstructed network, from the last layer's
-    dropped clusters (``layers.candidates``), on the training queries.
+    """Stage 4, on the training queries: :func:`repair_width` of a one-hidden-layer network from
+    its dropped clusters (``layers.candidates``), or :func:`repair_deep` of every hidden layer
+    of a deep one (``layers.layer_candidates``).
 
     Returns
     -------
-    RepairResult (its ``network`` with the queries' ``input_mask``), or None when the last
-    hidden layer was not clustered in this run (resumed past it) or the network is a deep
-    even_linear one (whose layers are oriented jointly, so one layer cannot be grown alone).
+    RepairResult (its ``network`` with the queries' ``input_mask``), or None when the network
+    has one hidden layer and it was not clustered in this run (resumed past it).
     """
-    deep = len(layers.incoming) > 1
-    if layers.candidates is None or (
-        deep and get_activation(config.activation).symmetry.has_linear_term
-    ):
-        return None
+    x, y = queries.x, queries.y
     t0 = time.perf_counter()
-    res = repair_last_layer(reconstruction.network, layers.candidates, queries.x, queries.y, config)
+    if len(layers.incoming) > 1:
+        res = repair_deep(reconstruction.network, layers.layer_candidates, x, y, config)
+    elif layers.candidates is None:
+        return None
+    else:
+        res = repair_width(
+            reconstruction.network,
+            layers.candidates,
+            x,
+            y,
+            config.repair,
+            final_iterations=config.finetune_iterations,
+        )
     res.network.input_mask = queries.input_mask
     if res.changed:
         log(
-            f"width repair of hidden layer {len(layers.incoming) - 1}: {res.width_before} -> "
-            f"{res.network.hidden_sizes[-1]} ({len(res.added)} added, {len(res.pruned)} pruned, "
-            f"{res.trials} trials, {time.perf_counter() - t0:.1f} s)"
+            f"width repair: widths {res.before.hidden_sizes} -> {res.network.hidden_sizes} "
+            f"({len(res.added)} added, {len(res.pruned)} pruned, {res.trials} trials, "
+            f"{time.perf_counter() - t0:.1f} s)"
         )
     return res

@@ -310,6 +310,9 @@ class Layers:
     candidates : the last hidden layer's dropped clusters within beta, one representative
         each (:func:`~expand_and_cluster.pipeline.layerwise.dropped_representatives`), for the
         width repair; None after a resume past that layer.
+    layer_candidates : per hidden layer, its dropped clusters within beta as for
+        ``candidates``, over that layer's plain input ``[h_{l-1}; 1]`` (the grow candidates of
+        the deep width repair); empty for a layer taken from a checkpoint.
     resumed_from : ``"layer_<l>"`` when finished layers came from a checkpoint, else None.
     seconds : ``{"cluster", "finetune"}`` wall time (finetune: the students' per-layer
         fine-tunes of a deep network).
@@ -319,6 +322,7 @@ class Layers:
     summaries: list[LayerSummary]
     first: LayerClustering | None = None
     candidates: list[dict] | None = None
+    layer_candidates: list[list[dict]] = field(default_factory=list)
     resumed_from: str | None = None
     seconds: dict = field(default_factory=lambda: {"cluster": 0.0, "finetune": 0.0})
 
