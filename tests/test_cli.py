@@ -112,6 +112,7 @@ def test_recover_writes_report_network_and_figures(tmp_path, capsys, queries):
         assert key in rep
     assert rep["recovered_sizes"] == [3]
     assert rep["teacher_sizes"] is None  # black box
+    assert rep["status"] == "ok" and rep["status_reason"] is None
     repair = rep["width_repair"]
     assert repair["layer"] == 0 and repair["width_before"] == 3 and repair["width_after"] == 3
     assert rep["timings_s"]["repair"] >= 0.0
@@ -198,3 +199,25 @@ def test_device_auto_resolves_to_what_is_available():
             resolve_device("cuda")
     with pytest.raises(InputError, match="expected auto, cpu or cuda"):
         resolve_device("tpu")
+
+
+def test_a_degraded_result_is_written_marked_and_exits_4(tmp_path, capsys):
+    # A recovery cut far too short (6 students, 10 Adam epochs, 100 L-BFGS iterations, no
+    # repair, no retrain) of a teacher with a weak neuron: the network keeps too few neurons
+    # and is far worse than its students. The files are still written; the report and the
+    # summary say why, and the exit code is 4.
+    teacher = planted_teacher(4, [4], 1, "tanh", seed=3, min_angle_degrees=20)
+    teacher.weights[1][:, -1] *= 0.1
+    save_network(teacher, tmp_path / "t.npz")
+    out = tmp_path / "run"
+    args = ["recover", "--teacher", str(tmp_path / "t.npz"), "--activation", "tanh"]
+    args += ["--n-queries", "2000", "--students", "6", "--epochs", "10", "--batch-size", "256"]
+    args += ["--polish-iterations", "100", "--width", "8", "--finetune-iterations", "300"]
+    args += ["--no-repair", "--retrain-factor", "1", "--set", "train.handover_window=0"]
+    code = main([*args, "--out", str(out), "--no-figures", "--quiet"])
+    rep = json.loads((out / "report.json").read_text())
+    assert code == 4 and rep["status"] == "degraded"
+    assert "times the median student's" in rep["status_reason"]
+    assert rep["recovered_relative_mse"]["train"] > 1e-6
+    assert capsys.readouterr().out.startswith("DEGRADED: ")
+    assert (out / "recovered.npz").exists()

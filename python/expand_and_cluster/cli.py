@@ -6,7 +6,8 @@ Each method flag sets one dotted key of the config (``--epochs`` is ``train.max_
 ``--gamma`` is ``cluster.gamma``, ...); ``--set KEY=VALUE`` sets any other. User errors (bad
 files, bad options) print one line on stderr and exit with code 2, without a traceback, and
 leave no output folder behind: a run writes into a temporary folder next to ``--out`` and
-renames it into place only when it has finished. Exit code 3: no cluster survived.
+renames it into place only when it has finished. Exit code 3: no cluster survived; 4: a degraded
+result, written and marked in report.json (README, "Command line").
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .teachers import biased_noise_augmentation, probe, train_digits_teacher
 
 EXIT_USER_ERROR = 2
 EXIT_NO_CLUSTER = 3
+EXIT_DEGRADED = 4
 
 
 def _number(name, kind, lo, hi=float("inf"), lo_open=False):
@@ -101,7 +103,7 @@ _METHOD_FLAGS = [
     ("--retrain-factor", "retrain_factor", _number("--retrain-factor", int, 1),
      "when the recovered network's relative MSE is above 1e-6 and 10 times the median "
      "student's, train the students again this many times longer and keep the better result "
-     "(default %(default)s: never; not in the paper)"),
+     "(default %(default)s; 1: never; not in the paper)"),
     ("--held-out-fraction", "held_out_fraction", _number("--held-out-fraction", float, 0, 0.9),
      "share of the queries kept aside to score the result"),
     ("--seed", "train.seed", _number("--seed", int, -(2**63)), "seed of everything random"),
@@ -226,12 +228,12 @@ def _config(args, hidden_layers: int) -> RecoverConfig:
     return RecoverConfig(args.activation).updated(settings)
 
 
-def _run(args, cfg, run: dict, out, log, resume_from=None, resume_layers=True, **report) -> int:
+def _run(args, cfg, run: dict, out, log, resume_from=None, resume_layers=True, **report):
     """Recover ``run``'s queries (``{"X", "Y", "source", "teacher"}``) into the output folder
     ``out`` (:class:`~expand_and_cluster.io.checkpoint.RunFolder`), checkpointing in
     ``OUT.checkpoint`` (kept if the run fails, so that ``recover --resume OUT.checkpoint``
-    continues it), write the run's files (``report``: :func:`write_run`'s keywords) and print a
-    summary."""
+    continues it) and write the run's files (``report``: :func:`write_run`'s keywords).
+    Returns the summary to print and the exit code (0, or :data:`EXIT_DEGRADED`)."""
     X, Y = run["X"], run["Y"]
     ckpt = Checkpoint(out.checkpoint_path)
     if resume_from is None or Path(resume_from.path).resolve() != ckpt.path.resolve():
@@ -244,7 +246,8 @@ def _run(args, cfg, run: dict, out, log, resume_from=None, resume_layers=True, *
     out.checkpoint = ckpt
     res = recover(X, Y, cfg, log, ckpt, resume_from, resume_layers, run["source"])
     rep = write_run(res, out.tmp, run["teacher"], figures=not args.no_figures, **report)
-    return summary_text(rep, args.out)
+    code = EXIT_DEGRADED if rep["status"] == "degraded" else 0
+    return summary_text(rep, args.out), code
 
 
 def cmd_recover(args, log) -> int:
@@ -254,16 +257,15 @@ def cmd_recover(args, log) -> int:
         cfg = RecoverConfig.from_dict(run["config"])
         if args.activation is not None and args.activation != cfg.activation:
             raise InputError(
-                f"--activation: the checkpoint's run used {cfg.activation!r}, not "
-                f"{args.activation!r}"
+                f"--activation: the checkpoint used {cfg.activation!r}, not {args.activation!r}"
             )
         # Where the rest trains is this machine's business, not the run's: a checkpoint written
         # on a GPU machine resumes on a CPU one, and vice versa.
         cfg = cfg.updated({"train.progress": not args.quiet, "device": resolve_device(args.device)})
         with RunFolder(args.out, args.force) as out:
-            text = _run(args, cfg, run, out, log, ckpt_in)
+            text, code = _run(args, cfg, run, out, log, ckpt_in)
         print(text)
-        return 0
+        return code
     if args.activation is None:
         raise InputError("--activation: required with --queries or --teacher")
     check_activation(args.activation, "--activation")
@@ -291,9 +293,9 @@ def cmd_recover(args, log) -> int:
     cfg = _config(args, layers or 1)
     run = {"X": X, "Y": Y, "source": source, "teacher": teacher}
     with RunFolder(args.out, args.force) as out:
-        text = _run(args, cfg, run, out, log, probe_seconds=t_probe)
+        text, code = _run(args, cfg, run, out, log, probe_seconds=t_probe)
     print(text)
-    return 0
+    return code
 
 
 def cmd_cluster(args, log) -> int:
@@ -318,9 +320,9 @@ def cmd_cluster(args, log) -> int:
         f"{old.cluster.beta_degrees:g})"
     )
     with RunFolder(args.out, args.force) as out:
-        text = _run(args, cfg, run, out, log, ckpt_in, resume_layers=False)
+        text, code = _run(args, cfg, run, out, log, ckpt_in, resume_layers=False)
     print(text)
-    return 0
+    return code
 
 
 def cmd_demo(args, log) -> int:
@@ -329,12 +331,11 @@ def cmd_demo(args, log) -> int:
     if args.hidden_layers is not None and args.hidden_layers != len(widths):
         raise InputError(f"--hidden-layers: the demo teacher has {len(widths)} hidden layer(s)")
     cfg = _config(args, len(widths))
-    seed = cfg.train.seed
     with RunFolder(args.out, args.force) as out:
         t0 = time.perf_counter()
         log(f"training the teacher {'-'.join(map(str, [64, *widths, 10]))} (tanh) on digits")
-        teacher, digits, info = train_digits_teacher(width=widths, seed=seed)
-        X = biased_noise_augmentation(digits, np.random.default_rng(seed))
+        teacher, digits, info = train_digits_teacher(width=widths, seed=cfg.train.seed)
+        X = biased_noise_augmentation(digits, np.random.default_rng(cfg.train.seed))
         Y = teacher.forward(X)
         t_probe = time.perf_counter() - t0
         log(
@@ -344,9 +345,11 @@ def cmd_demo(args, log) -> int:
         save_network(teacher, out.path("teacher.npz"))
         save_queries(out.path("queries.npz"), X, Y)
         run = {"X": X, "Y": Y, "source": "digits+biased_noise", "teacher": teacher}
-        text = _run(args, cfg, run, out, log, probe_seconds=t_probe, extra={"teacher_info": info})
+        text, code = _run(
+            args, cfg, run, out, log, probe_seconds=t_probe, extra={"teacher_info": info}
+        )
     print(text)
-    return 0
+    return code
 
 
 def cmd_bench(args, log) -> int:

@@ -101,9 +101,8 @@ def test_retrain_that_finds_no_cluster_keeps_the_first_result(calls):
     "train_mse, student_mse, factor",
     [
         (1e-30, 1e-8, 4),  # exact: nothing to fix
-        (5e-4, 1e-4, 4),  # only 5x the students: the students do not fit either (rho too small)
         (5e-7, 1e-12, 4),  # below retrain_above
-        (5e-4, 3e-7, 1),  # retrain off (the default)
+        (5e-4, 3e-7, 1),  # retrain off (the library's default)
     ],
 )
 def test_no_retrain(calls, train_mse, student_mse, factor):
@@ -111,6 +110,38 @@ def test_no_retrain(calls, train_mse, student_mse, factor):
     seen = calls(first)
     res = recover(X, Y, _config(retrain_factor=factor))
     assert len(seen) == 1 and res is first and res.retrain is None and res.first_attempt is None
+
+
+def test_students_that_do_not_fit_are_retrained(calls):
+    # Only 5 times the students, but the students themselves are far from exact (stuck, or too
+    # short a schedule): the longer schedule is tried, and a result that stays there is marked.
+    first = _fake_result(3, 5e-4, 1e-4)
+    seen = calls(first, _fake_result(3, 4e-4, 1e-4))
+    res = recover(X, Y, _config(retrain_factor=4))
+    assert len(seen) == 2 and res.retrain["kept"] == "retrained"
+    assert res.status == "degraded" and "did not converge" in res.status_reason
+
+
+@pytest.mark.parametrize(
+    "train_mse, student_mse, status, words",
+    [
+        (1e-30, 1e-8, "ok", None),
+        (5e-7, 1e-12, "ok", None),  # below retrain_above
+        (5e-8, 1e-7, "ok", None),  # students not exact, but the network is
+        (5e-4, 3e-7, "degraded", "times the median student's"),
+        (5e-4, 1e-4, "degraded", "did not converge"),
+    ],
+)
+def test_a_result_failing_the_retrain_test_is_marked_degraded(
+    calls, train_mse, student_mse, status, words
+):
+    calls(_fake_result(3, train_mse, student_mse))
+    res = recover(X, Y, _config(retrain_factor=1))
+    assert res.status == status
+    assert (res.status_reason is None) == (words is None)
+    if words is not None:
+        assert words in res.status_reason
+    assert rec.degradation(res) == res.status_reason
 
 
 @pytest.mark.parametrize(

@@ -155,6 +155,8 @@ def build_report(
         "student_finish": result.training.finish,
         "width_repair": None if result.repair is None else result.repair.to_json(),
         "retrain": result.retrain,
+        "status": result.status,
+        "status_reason": result.status_reason,
         **(extra or {}),
     }
     check_report(report)
@@ -197,11 +199,14 @@ def write_run(
 
 
 def summary_text(rep: Mapping[str, Any], out: str | os.PathLike) -> str:
-    """A few lines on a report for a terminal: widths, alignment per layer, relative MSE, wall
-    time and where the results are."""
-    lines = [f"recovered hidden widths: {rep['recovered_sizes']}"]
+    """A few lines on a report for a terminal: a degraded result's reason first, then widths,
+    alignment per layer, relative MSE, wall time and where the results are."""
+    lines = []
+    if rep.get("status") == "degraded":
+        lines.append(f"DEGRADED: {rep['status_reason']}")
+    lines.append(f"recovered hidden widths: {rep['recovered_sizes']}")
     if rep.get("teacher_sizes") is not None:
-        lines[0] += f" (teacher: {rep['teacher_sizes']})"
+        lines[-1] += f" (teacher: {rep['teacher_sizes']})"
     for al in rep.get("alignment") or []:
         k = len(al["per_teacher_neuron"])
         lines.append(

@@ -39,8 +39,7 @@ class RecoveryResult:
     queries, expansion, layers, reconstruction : the stages' results
         (:mod:`~expand_and_cluster.pipeline.stages`).
     repair : the width repair's :class:`~expand_and_cluster.pipeline.repair.RepairResult` (None
-        when the last hidden layer was not clustered in this run or for a deep even_linear
-        network).
+        for a one-hidden-layer network whose layer was not clustered in this run).
     relative_mse : ``{"train", "held_out" (None without held-out queries), "initial_train"}`` of
         :attr:`network` (initial_train: of the reconstruction before its fine-tune).
     timings_s : ``{"search", "train", "cluster", "finetune", "repair", "total"}`` seconds
@@ -51,6 +50,10 @@ class RecoveryResult:
         no cluster), "kept" ("first" or "retrained"), "seconds"}``.
     first_attempt : the first pass's result when a retrain ran (this result itself when that
         pass was kept), else None.
+    status : "ok", or "degraded" when the final network fails the retrain rule's test
+        (:func:`degradation`): its training relative MSE is above ``config.retrain_above`` and
+        far above the students', or the students' is above it too.
+    status_reason : why the result is degraded (one sentence), else None.
     """
 
     config: RecoverConfig
@@ -63,6 +66,8 @@ class RecoveryResult:
     timings_s: dict = field(default_factory=dict)
     retrain: dict | None = None
     first_attempt: RecoveryResult | None = field(default=None, repr=False)
+    status: str = "ok"
+    status_reason: str | None = None
 
     @property
     def network(self) -> Network:
@@ -143,12 +148,16 @@ def recover(
        fine-tuned before the next layer is clustered;
     3. :func:`~expand_and_cluster.pipeline.reconstruct.reconstruct`: the least-squares output
        layer and the fine-tune of every weight;
-    4. :func:`~expand_and_cluster.pipeline.repair.repair`: the width repair of the last hidden
+    4. :func:`~expand_and_cluster.pipeline.repair.repair`: the width repair of every hidden
        layer (``config.repair``; not in the paper);
-    5. with ``config.retrain_factor > 1``, when the network's training relative MSE is above
-       ``retrain_above`` and ``retrain_gap`` times the median student's: stages 1-4 once more
-       with a ``retrain_factor`` times longer schedule (same seed and width), keeping the result
-       with the lower training relative MSE (checkpointed in ``checkpoint/retrain``).
+    5. with ``config.retrain_factor > 1``, when the network fails the test of
+       :func:`degradation` (training relative MSE above ``retrain_above`` and ``retrain_gap``
+       times the median student's, or the median student's above ``retrain_above`` too):
+       stages 1-4 once more with a ``retrain_factor`` times longer schedule (same seed and
+       width), keeping the result with the lower training relative MSE (checkpointed in
+       ``checkpoint/retrain``);
+    6. the final result still failing that test is marked ``status`` "degraded" with
+       ``status_reason`` (and the log says so).
 
     Parameters
     ----------
@@ -177,13 +186,59 @@ def recover(
     """
     say = log or quiet
     res = _recover_once(X, Y, config, say, checkpoint, resume_from, resume_layers, source)
-    cfg = config
-    student = float(np.median(res.training.relative_mse))
-    train = res.relative_mse["train"]
-    if not (
-        cfg.retrain_factor > 1 and train > cfg.retrain_above and train >= cfg.retrain_gap * student
-    ):
+    out = _retrained(res, X, Y, config, say, checkpoint, resume_from, resume_layers, source)
+    reason = degradation(out)
+    if reason is not None:
+        out.status, out.status_reason = "degraded", reason
+        say(f"degraded result: {reason}")
+    return out
+
+
+def degradation(result: RecoveryResult) -> str | None:
+    """Why ``result`` is degraded, or None. It is when its network's training relative MSE is
+    above ``retrain_above`` and either (a) at least ``retrain_gap`` times the median student's
+    (the students imitate the teacher far better: some layer's width or weights are wrong) or
+    (b) the median student's is above ``retrain_above`` too (the students did not converge, so
+    the clusters they give are not reliable). The same test starts the retrain
+    (:func:`recover`, step 5)."""
+    cfg = result.config
+    student = float(np.median(result.training.relative_mse))
+    train = result.relative_mse["train"]
+    if not train > cfg.retrain_above:
+        return None
+    if train >= cfg.retrain_gap * student:
+        ratio = train / student if student > 0 else float("inf")
+        return (
+            f"the recovered network's training relative MSE {train:.2e} is {ratio:.3g} times "
+            f"the median student's ({student:.2e}): some layer's width or weights are wrong"
+        )
+    if student > cfg.retrain_above:
+        return (
+            f"the students imitate the teacher only to relative MSE {student:.2e} (median; the "
+            f"recovered network {train:.2e}), above {cfg.retrain_above:g}: they did not "
+            "converge, so the recovered widths are not reliable"
+        )
+    return None
+
+
+def _retrained(
+    res: RecoveryResult,
+    X,
+    Y,
+    cfg: RecoverConfig,
+    say: Log,
+    checkpoint,
+    resume_from,
+    resume_layers,
+    source,
+) -> RecoveryResult:
+    """``res``, or when it fails the retrain rule's test and ``cfg.retrain_factor > 1``, the
+    better of it and a pass with a ``retrain_factor`` times longer schedule (:func:`recover`,
+    step 5)."""
+    reason = degradation(res)
+    if cfg.retrain_factor <= 1 or reason is None:
         return res
+    train = res.relative_mse["train"]
     t0 = time.perf_counter()
     retry_cfg = dataclasses.replace(
         cfg,
@@ -191,11 +246,7 @@ def recover(
         train=cfg.train.stretched(cfg.retrain_factor),
         retrain_factor=1,
     )
-    say(
-        f"retrain: the recovered network's relative MSE {train:.2e} is at least "
-        f"{cfg.retrain_gap:g} times the median student's ({student:.2e}); training the "
-        f"students again with {retry_cfg.train.max_epochs} epochs"
-    )
+    say(f"retrain: {reason}; training the students again with {retry_cfg.train.max_epochs} epochs")
     sub = None if checkpoint is None else Checkpoint(Path(checkpoint.path) / "retrain")
     sub_resume = None
     if resume_from is not None:
