@@ -90,6 +90,11 @@ def test_repo_suites_load():
     full = load_suite("benchmarks/suites/full.json")
     assert len(small.problems) == 20 and len(full.problems) >= 150
     assert {p.activation for p in full.problems} == {"g", "tanh", "sigmoid", "softplus", "relu"}
+    depths = [p.depth for p in full.problems]
+    assert depths.count(1) == 150 and depths.count(2) >= 30 and depths.count(3) >= 3
+    deep = [p for p in full.problems if p.depth > 1]
+    assert {p.activation for p in deep} == {"g", "tanh", "sigmoid", "softplus", "relu"}
+    assert any(p.hidden_widths[0] > p.d_in for p in deep)  # a first layer wider than its input
 
 
 def test_run_resume_and_summary(tmp_path, capsys):
@@ -179,7 +184,15 @@ def test_summary_counts_failure_kinds():
     ]
     s = summarise(rows)
     assert s["success_rate"] == 0.25
-    assert s["failures"] == {"wrong_width": 2, "no_cluster": 1, "imprecise": 1}
+    assert s["failures"] == {
+        "wrong_width": 2,
+        "no_cluster": 1,
+        "imprecise": 1,
+        "degraded": 0,
+        "unflagged": 2,
+    }
+    rows[1]["degraded"] = True
+    assert summarise(rows)["failures"]["unflagged"] == 1
 
 
 def test_problem_validation():
@@ -393,3 +406,88 @@ def test_problem_config_passes_the_retrain_settings():
     problem = Problem("p", "tanh", 4, 3)
     cfg, _ = problem_config(problem, suite.effective_settings())
     assert (cfg.retrain_factor, cfg.retrain_gap, cfg.retrain_above) == (3, 20.0, 1e-6)
+
+
+def test_generated_deep_problems_draw_a_width_per_layer(tmp_path):
+    block = {
+        "n": 12,
+        "seed": 1,
+        "prefix": "deep",
+        "choices": {"activation": ["tanh"], "depth": [2, 3], "rho": [None, 4.0]},
+        "ranges": {"d_in": [2, 5], "width": [2, 6]},
+    }
+    shallow = {"n": 5, "seed": 0, "ranges": {"width": [2, 9]}}
+    one = load_suite(_write(tmp_path, {"format": SUITE_FORMAT, "generate": shallow})).problems
+    both = load_suite(
+        _write(tmp_path, {"format": SUITE_FORMAT, "generate": [shallow, block]})
+    ).problems
+    assert both[:5] == one  # a list of blocks leaves the first block's problems as they were
+    deep = both[5:]
+    assert {p.depth for p in deep} == {2, 3} and all(p.id.startswith("deep-") for p in deep)
+    for p in deep:
+        assert len(p.hidden_widths) == p.depth and p.width == p.hidden_widths[0]
+        assert all(2 <= w <= 6 for w in p.hidden_widths)
+        sizes = [p.d_in, *p.hidden_widths, p.d_out]
+        assert p.n_params == sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+        cfg, _ = problem_config(p, SUITE_DEFAULTS)
+        assert cfg.hidden_layers == p.depth
+        assert cfg.width == (None if p.rho is None else 4 * max(p.hidden_widths))
+    with pytest.raises(InputError, match="widths"):
+        Problem("p", depth=2, widths=(3,))
+
+
+def _fake_recovery(network, students_mse=1e-20):
+    """What run_problem reads of a RecoveryResult, around ``network``."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    training = SimpleNamespace(relative_mse=np.full(4, students_mse), finish=None)
+    return SimpleNamespace(
+        network=network,
+        student_width=8,
+        relative_mse={"train": 1e-20, "held_out": 1e-20},
+        training=training,
+        clustering=SimpleNamespace(dropped=[]),
+        timings_s={"total": 1.0},
+        retrain=None,
+        first_attempt=None,
+        repair=None,
+        status="ok",
+    )
+
+
+@pytest.mark.parametrize("change", ["none", "layer1", "width"])
+def test_deep_problems_are_scored_layer_by_layer(monkeypatch, change):
+    import numpy as np
+
+    from expand_and_cluster.network import Network
+    from expand_and_cluster.suite import runner
+    from expand_and_cluster.teachers import planted_teacher
+
+    problem = Problem("d", "tanh", d_in=3, width=4, depth=2, widths=(4, 3), rho=2.0, seed=5)
+
+    def fake(X, Y, cfg):
+        assert cfg.hidden_layers == 2 and cfg.width == 8
+        t = planted_teacher(3, [4, 3], 1, "tanh", seed=5, min_angle_degrees=20.0)
+        w, b = list(t.weights), list(t.biases)
+        if change == "layer1":  # the first layer exact, one neuron of the second off
+            w[1] = w[1].copy()
+            w[1][0, 0] += 0.5
+        if change == "width":  # the second layer one neuron short
+            w[1], b[1], w[2] = w[1][:2], b[1][:2], w[2][:, :2]
+        return _fake_recovery(Network(w, b, "tanh"))
+
+    monkeypatch.setattr(runner, "recover", fake)
+    row = runner.run_problem(problem, dict(SUITE_DEFAULTS))
+    assert row["widths"] == (4, 3) or row["widths"] == [4, 3]
+    assert len(row["layer_max_distance"]) == (1 if change == "width" else 2)
+    assert row["layer_max_distance"][0] < 1e-12
+    assert row["success"] == (change == "none")
+    if change == "layer1":
+        assert row["recovered_widths"] == [4, 3] and row["max_distance"] > 1e-3
+    if change == "width":
+        assert row["recovered_widths"] == [4, 2] and not row["degraded"]
+        assert summarise([row])["failures"]["wrong_width"] == 1
+    md = summary_markdown({**summarise([row]), "suite": "d"})
+    assert "Per depth" in md and np.isfinite(row["max_distance"])

@@ -30,18 +30,21 @@ def run_problem(problem: Problem, settings: dict[str, Any], device: str = "cpu")
     """Plant, probe, recover and score one problem (students trained on ``device``, "cpu" or
     "cuda") with the suite's effective ``settings``; returns its result row.
 
-    Success, fixed up front: the exact width and every teacher neuron within cosine distance
-    1e-3 (``success``) or 1e-6 (``success_1e-6``) of a recovered neuron."""
+    Success, fixed up front: the exact width of every hidden layer and every teacher neuron of
+    every layer within cosine distance 1e-3 (``success``) or 1e-6 (``success_1e-6``) of a
+    recovered neuron, a layer l >= 1 measured in the teacher's coordinates
+    (:func:`~expand_and_cluster.metrics.deep_alignment`). ``max_distance`` is the largest over
+    the layers, ``layer_max_distance`` each layer's."""
     t0 = time.perf_counter()
     teacher = planted_teacher(
         problem.d_in,
-        [problem.width],
+        problem.hidden_widths,
         problem.d_out,
         problem.activation,
         seed=problem.seed,
         min_angle_degrees=problem.min_angle_degrees,
     )
-    teacher.weights[1][:, -1] *= problem.weak_outgoing
+    teacher.weights[-1][:, -1] *= problem.weak_outgoing
     X, Y = probe(teacher, problem.n_queries, problem.distribution, seed=problem.seed)
     cfg, epochs = problem_config(problem, settings, device)
     width = cfg.width
@@ -59,6 +62,9 @@ def run_problem(problem: Problem, settings: dict[str, Any], device: str = "cpu")
             "status": "no_cluster",
             "message": str(e),
             "recovered_width": 0,
+            "recovered_widths": [],
+            "layer_max_distance": [],
+            "degraded": False,
             "student_width": width,
             "success": False,
             "success_1e-6": False,
@@ -71,16 +77,24 @@ def run_problem(problem: Problem, settings: dict[str, Any], device: str = "cpu")
         }
 
     def score(net) -> tuple[bool, dict]:
-        al = metrics.alignment(
-            teacher.incoming(0), net.incoming(0), problem.activation, net.input_mask
-        )
-        return net.hidden_sizes == [problem.width], al
+        if net.hidden_sizes != teacher.hidden_sizes:
+            # Layer 0 can still be scored; the layers above have no common coordinates.
+            al = metrics.alignment(
+                teacher.incoming(0), net.incoming(0), problem.activation, net.input_mask
+            )
+            return False, {**al, "layers": [al["max"]]}
+        layers = metrics.deep_alignment(teacher, net, net.input_mask)
+        worst = max(layers, key=lambda a: a["max"])
+        return True, {**worst, "layers": [a["max"] for a in layers]}
 
     exact, al = score(res.network)
     row.update(
         status="ok",
         student_width=res.student_width,
         recovered_width=res.network.hidden_sizes[0],
+        recovered_widths=res.network.hidden_sizes,
+        layer_max_distance=al["layers"],
+        degraded=res.status == "degraded",
         max_distance=al["max"],
         median_distance=al["median"],
         held_out_relative_mse=res.relative_mse["held_out"],
@@ -104,6 +118,7 @@ def run_problem(problem: Problem, settings: dict[str, Any], device: str = "cpu")
             retrained=True,
             retrain_kept=res.retrain["kept"],
             width_before_retrain=first.network.hidden_sizes[0],
+            widths_before_retrain=first.network.hidden_sizes,
             success_without_retrain=bool(ok and al["max"] < THRESHOLDS[0]),
         )
     else:
@@ -113,6 +128,7 @@ def run_problem(problem: Problem, settings: dict[str, Any], device: str = "cpu")
     ok, al = score(before)
     row.update(
         width_before_repair=before.hidden_sizes[0],
+        widths_before_repair=before.hidden_sizes,
         repair_added=0 if rep is None else len(rep.added),
         repair_pruned=0 if rep is None else len(rep.pruned),
         success_without_repair=bool(ok and al["max"] < THRESHOLDS[0]),
@@ -154,9 +170,11 @@ def run_suite(suite: Suite, out: Path, jobs: int = 1, log=None, device: str = "c
         with open(results, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
+        teacher = row.get("widths") or [row["width"]]
+        got = row.get("recovered_widths") or [row.get("recovered_width")]
         say(
-            f"{row['id']}: {row['activation']} d_in {row['d_in']} width {row['width']} -> "
-            f"{row.get('recovered_width')} ({'ok' if row['success'] else 'fail'}, "
+            f"{row['id']}: {row['activation']} d_in {row['d_in']} widths {list(teacher)} -> "
+            f"{list(got)} ({'ok' if row['success'] else 'fail'}, "
             f"max distance {row['max_distance']:.1e}, {row['seconds']:.1f} s)"
         )
 

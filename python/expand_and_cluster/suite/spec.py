@@ -8,6 +8,7 @@ Suite file (JSON, ``"format": "expand-and-cluster-suite/2"``)::
      "problems": [{...}, ...],                   # explicit problems (see Problem), and/or
      "generate": {"n": 150, "seed": 0, "prefix": "full",
                   "choices": {"activation": [...], ...}, "ranges": {"d_in": [2, 16], ...}}}
+                                                 # or a list of such blocks
 
 ``settings`` take the dotted keys of :class:`~expand_and_cluster.config.RecoverConfig`
 (``train.max_epochs``, ``cluster.gamma``, ``repair.trial_queries``, ...); unset keys take
@@ -28,8 +29,11 @@ Difficulty axes of a problem (each makes recovery harder in its own way):
   the students and in the clustering.
 - ``weak_outgoing``: the last teacher neuron's outgoing weights are scaled by this factor; a
   neuron that barely affects the output is barely constrained by the queries.
-- ``rho``: the expansion factor (student width = rho * teacher width); null runs the expansion
-  search.
+- ``rho``: the expansion factor (student width = rho * teacher width, the widest layer's for a
+  deep teacher); null runs the expansion search.
+- ``depth``: the number of hidden layers. A deep teacher's hidden widths are ``widths`` (one per
+  layer); ``generate`` draws each from the ``width`` range (``width`` is then the first
+  layer's). Each layer is recovered in the coordinates of the one below and errors compound.
 """
 
 from __future__ import annotations
@@ -47,9 +51,8 @@ from ..config import RUN_DEFAULTS, RecoverConfig, parse_setting
 from ..errors import InputError
 
 SUITE_FORMAT = "expand-and-cluster-suite/2"
-#: Settings of every suite unless its file or ``--setting`` says otherwise: the command line's,
-#: with the retrain on (a recovery far worse than its students is trained again, 4 times longer).
-SUITE_DEFAULTS: dict[str, Any] = {**RUN_DEFAULTS, "retrain_factor": 4, "min_steps": 0}
+#: Settings of every suite unless its file or ``--setting`` says otherwise: the command line's.
+SUITE_DEFAULTS: dict[str, Any] = {**RUN_DEFAULTS, "min_steps": 0}
 #: The flat setting names of format 1 and their dotted keys.
 FORMAT_1_NAMES = {
     "students": "train.n_students",
@@ -84,9 +87,13 @@ class Problem:
     weak_outgoing: float = 1.0
     rho: float | None = 2.0
     seed: int = 0
+    depth: int = 1
+    widths: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         get_activation(self.activation)
+        if self.widths is not None:
+            object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         checks = [
             ("d_in", self.d_in >= 1),
             ("width", self.width >= 1),
@@ -96,14 +103,25 @@ class Problem:
             ("min_angle_degrees", 0 <= self.min_angle_degrees < 90),
             ("weak_outgoing", self.weak_outgoing > 0),
             ("rho", self.rho is None or self.rho >= 1),
+            ("depth", self.depth >= 1),
+            (
+                "widths",
+                self.widths is None or (len(self.widths) == self.depth and min(self.widths) >= 1),
+            ),
         ]
         for name, ok in checks:
             if not ok:
                 raise InputError(f"problem {self.id!r}: invalid {name} = {getattr(self, name)!r}")
 
     @property
+    def hidden_widths(self) -> list[int]:
+        """The teacher's hidden widths: ``widths``, else ``width`` in each of ``depth`` layers."""
+        return list(self.widths) if self.widths is not None else [self.width] * self.depth
+
+    @property
     def n_params(self) -> int:
-        return self.width * (self.d_in + 1) + self.d_out * (self.width + 1)
+        sizes = [self.d_in, *self.hidden_widths, self.d_out]
+        return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
 
     @property
     def n_queries(self) -> int:
@@ -149,6 +167,13 @@ def _generate(spec: dict) -> list[Problem]:
             else:
                 kw[key] = float(rng.uniform(lo, hi))
         kw.setdefault("seed", int(rng.integers(2**31)))
+        depth = int(kw.get("depth", 1))
+        if depth > 1 and "widths" not in kw:
+            lo, hi = ranges.get("width", (kw.get("width", 3),) * 2)
+            widths = [int(kw.get("width", 3))] + [
+                int(rng.integers(lo, hi + 1)) for _ in range(depth - 1)
+            ]
+            kw.update(widths=widths, width=widths[0])
         out.append(Problem(id=f"{spec.get('prefix', 'gen')}-{i:04d}", **kw))
     return out
 
@@ -219,8 +244,9 @@ def load_suite(path: str | Path) -> Suite:
         if bad or "id" not in p:
             raise InputError(f"suite: problem {i}: needs an id; unknown keys {sorted(bad)}")
         problems.append(Problem(**p))
-    if "generate" in raw:
-        problems += _generate(raw["generate"])
+    blocks = raw.get("generate", [])
+    for block in blocks if isinstance(blocks, list) else [blocks]:
+        problems += _generate(block)
     ids = [p.id for p in problems]
     if len(set(ids)) != len(ids):
         raise InputError("suite: problem ids must be unique")
@@ -331,11 +357,14 @@ def problem_config(
     """
     s = dict(settings)
     min_steps = int(s.pop("min_steps", 0))
-    width = None if problem.rho is None else max(1, math.ceil(problem.rho * problem.width))
+    widest = max(problem.hidden_widths)
+    width = None if problem.rho is None else max(1, math.ceil(problem.rho * widest))
     n_train = problem.n_queries - int(round(s["held_out_fraction"] * problem.n_queries))
     n_train = max(1, n_train)
     batches = math.ceil(n_train / max(1, min(s["train.batch_size"] or n_train, n_train)))
     epochs = max(s["train.max_epochs"], math.ceil(min_steps / batches))
     s.update({"train.max_epochs": epochs, "train.seed": problem.seed, "train.progress": False})
-    cfg = RecoverConfig(problem.activation, width=width, device=device).updated(s)
+    cfg = RecoverConfig(
+        problem.activation, hidden_layers=problem.depth, width=width, device=device
+    ).updated(s)
     return cfg, epochs

@@ -1,13 +1,41 @@
-"""The summary of a suite's rows: success rates overall, per activation and per expansion factor
-rho, failures by kind, time; as JSON and as Markdown."""
+"""The summary of a suite's rows: success rates overall, per activation, per expansion factor
+rho and per depth, failures by kind, time; as JSON and as Markdown."""
 
 from __future__ import annotations
 
 import numpy as np
 
 
+def _teacher_widths(r: dict) -> list:
+    return list(r.get("widths") or [r["width"]])
+
+
+def _recovered_widths(r: dict) -> list:
+    return list(r.get("recovered_widths") or [r.get("recovered_width")])
+
+
+def _failures(rows: list[dict]) -> dict:
+    """Failures by kind; ``unflagged``: failed rows that are neither marked degraded nor
+    without a cluster (wrong or imprecise results that look like successes)."""
+    wrong = [r for r in rows if _recovered_widths(r) != _teacher_widths(r)]
+    return {
+        "wrong_width": len(wrong),
+        "no_cluster": sum(1 for r in rows if r.get("status") == "no_cluster"),
+        "imprecise": sum(
+            1 for r in rows if _recovered_widths(r) == _teacher_widths(r) and not r["success"]
+        ),
+        "degraded": sum(1 for r in rows if r.get("degraded")),
+        "unflagged": sum(
+            1
+            for r in rows
+            if not r["success"] and not r.get("degraded") and r.get("status") != "no_cluster"
+        ),
+    }
+
+
 def summarise(rows: list[dict]) -> dict:
-    """Success rates overall, per activation and per rho; median and total time."""
+    """Success rates overall, per activation, per rho and per depth (each depth with its rates
+    per activation and its failures); median and total time."""
 
     def rate(sub, key="success"):
         # Rows written before the width repair (the retrain) existed count as without it.
@@ -27,6 +55,9 @@ def summarise(rows: list[dict]) -> dict:
     by_rho: dict = {}
     for r in rows:
         by_rho.setdefault(str(r["rho"]), []).append(r)
+    by_depth: dict = {}
+    for r in rows:
+        by_depth.setdefault(len(_teacher_widths(r)), []).append(r)
     return {
         "problems": len(rows),
         "success_rate": rate(rows),
@@ -44,15 +75,22 @@ def summarise(rows: list[dict]) -> dict:
                     for a in sorted({r["activation"] for r in s})
                 },
             }
-            for k, s in sorted(by_rho.items(), key=lambda kv: float(kv[0]))
+            for k, s in sorted(
+                by_rho.items(), key=lambda kv: float(kv[0]) if kv[0] != "None" else 0
+            )
         },
-        "failures": {
-            "wrong_width": sum(1 for r in rows if r.get("recovered_width") != r["width"]),
-            "no_cluster": sum(1 for r in rows if r.get("status") == "no_cluster"),
-            "imprecise": sum(
-                1 for r in rows if r.get("recovered_width") == r["width"] and not r["success"]
-            ),
+        "per_depth": {
+            str(d): {
+                **rates(s),
+                "per_activation": {
+                    a: rates([r for r in s if r["activation"] == a])
+                    for a in sorted({r["activation"] for r in s})
+                },
+                "failures": _failures(s),
+            }
+            for d, s in sorted(by_depth.items())
         },
+        "failures": _failures(rows),
         "median_seconds": float(np.median([r["seconds"] for r in rows])) if rows else None,
         "total_seconds": float(sum(r["seconds"] for r in rows)),
     }
@@ -103,12 +141,32 @@ def summary_markdown(summary: dict) -> str:
             + " | ".join(cell(per.get(a)) for a in summary["per_activation"])
             + " |"
         )
+    depths = summary.get("per_depth", {})
+    if len(depths) > 1 or any(d != "1" for d in depths):
+        lines += [
+            "",
+            "Per depth (hidden layers) and activation (successes at 1e-3 / problems; without "
+            "repair in brackets), and failures (wrong width / imprecise / marked degraded / "
+            "unflagged):",
+            "",
+            "| depth | all | " + " | ".join(summary["per_activation"]) + " | failures |",
+            "|---|---|" + "---|" * (len(summary["per_activation"]) + 1),
+        ]
+        for d, s in depths.items():
+            per, f = s.get("per_activation", {}), s["failures"]
+            lines.append(
+                f"| {d} | {cell(s)} | "
+                + " | ".join(cell(per.get(a)) for a in summary["per_activation"])
+                + f" | {f['wrong_width']} / {f['imprecise']} / {f['degraded']} / "
+                f"{f['unflagged']} |"
+            )
     f = summary["failures"]
     lines += [
         "",
         f"Failures: wrong width {f['wrong_width']} (of which no cluster "
         f"{f['no_cluster']}), exact width but a neuron further than 1e-3 "
-        f"{f['imprecise']}.",
+        f"{f['imprecise']}; marked degraded {f.get('degraded', 0)}, failed without being "
+        f"marked {f.get('unflagged', 0)}.",
         "",
     ]
     return "\n".join(lines)
