@@ -101,9 +101,9 @@ _METHOD_FLAGS = [
      "(Levenberg-Marquardt, then L-BFGS where it stalled), lm (each student stops on its own), "
      "lbfgs-fixed (all --polish-iterations, the previous finish) (default %(default)s)"),
     ("--retrain-factor", "retrain_factor", _number("--retrain-factor", int, 1),
-     "when the recovered network's relative MSE is above 1e-6 and 10 times the median "
-     "student's, train the students again this many times longer and keep the better result "
-     "(default %(default)s; 1: never; not in the paper)"),
+     "when the recovered network's relative MSE is above 1e-6 and 10 times the median student's "
+     "(or the students' is too), train them again this many times longer, keep the better "
+     "result (default %(default)s; 1: never; not in the paper); still so: exit code 4"),
     ("--held-out-fraction", "held_out_fraction", _number("--held-out-fraction", float, 0, 0.9),
      "share of the queries kept aside to score the result"),
     ("--seed", "train.seed", _number("--seed", int, -(2**63)), "seed of everything random"),

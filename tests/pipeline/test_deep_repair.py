@@ -70,7 +70,10 @@ def test_grow_layers_restores_a_missing_neuron_of_the_first_layer(activation):
     rng = np.random.default_rng(0)
     decoy = {"incoming": rng.standard_normal(4), "size": 8, "median_angle_degrees": 5.0}
     near = t.incoming(0)[1] * 1.01
-    cands = [[decoy, {"incoming": near, "size": 6, "median_angle_degrees": 2.0}], []]
+    # A layer-1 candidate over the narrow layer 0: padded when layer 0 grows, then tried again.
+    v = t.incoming(1)[0]
+    above = {"incoming": 0.5 * np.r_[v[[0, 2, 3]], v[-1]], "size": 2, "median_angle_degrees": 9.0}
+    cands = [[decoy, {"incoming": near, "size": 6, "median_angle_degrees": 2.0}], [above]]
     out, added, trials = grow_layers(narrow, cands, x, y, RepairConfig())
     assert out.hidden_sizes == [4, 3] and len(added) == 1 and trials >= 2
     assert added[0]["layer"] == 0 and added[0]["cluster_size"] == 6

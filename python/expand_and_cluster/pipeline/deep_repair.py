@@ -141,6 +141,12 @@ def grow_layers(
             break
         rel, net, layer, i = best
         cand = pools[layer].pop(i)
+        if layer + 1 < len(pools):
+            # The layer above has one more input: its candidates get a zero weight on it.
+            pools[layer + 1] = [
+                {**c, "incoming": np.insert(np.asarray(c["incoming"]), -1, 0.0)}
+                for c in pools[layer + 1]
+            ]
         added.append(
             {
                 "source": "cluster_joint",
