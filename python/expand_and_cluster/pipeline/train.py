@@ -280,19 +280,7 @@ def _train_students(x, y, hidden_widths, activation, config, device, students, d
     summary = None
     if cfg.polish_iterations > 0:
         ens = ens.to(dtype=torch.float64)
-        fin = finish(
-            ens,
-            x,
-            y,
-            cfg.finish,
-            lbfgs_iterations=cfg.polish_iterations,
-            lm_iterations=cfg.lm_iterations,
-            lm_max_params=cfg.lm_max_params,
-            target=cfg.finish_target,
-            var_y=var_y,
-            progress=cfg.progress,
-            stall_decades=cfg.finish_stall_decades,
-        )
+        fin = _finish(ens, x, y, cfg, var_y)
         for _ in range(cfg.finish_rounds):
             more = np.flatnonzero(np.asarray(fin.stop_reason) == "budget")
             if not len(more):
@@ -305,13 +293,11 @@ def _train_students(x, y, hidden_widths, activation, config, device, students, d
     )
 
 
-def _finish_more(ens, fin, index: np.ndarray, x, y, cfg: TrainConfig, var_y: float) -> None:
-    """One more finish of the students ``index`` (still improving at the end of the last),
-    written into ``ens`` and merged into ``fin`` (iterations added, MSE and stop reasons
-    replaced, ``rounds`` counted)."""
-    part = ens.select(index)
-    more = finish(
-        part,
+def _finish(ens: StudentEnsemble, x, y, cfg: TrainConfig, var_y: float):
+    """:func:`~expand_and_cluster.pipeline.finish.finish` of ``ens`` (float64, in place) with
+    ``cfg``'s finish settings."""
+    return finish(
+        ens,
         x,
         y,
         cfg.finish,
@@ -323,6 +309,14 @@ def _finish_more(ens, fin, index: np.ndarray, x, y, cfg: TrainConfig, var_y: flo
         progress=cfg.progress,
         stall_decades=cfg.finish_stall_decades,
     )
+
+
+def _finish_more(ens, fin, index: np.ndarray, x, y, cfg: TrainConfig, var_y: float) -> None:
+    """One more finish of the students ``index`` (still improving at the end of the last),
+    written into ``ens`` and merged into ``fin`` (iterations added, MSE and stop reasons
+    replaced, ``rounds`` counted)."""
+    part = ens.select(index)
+    more = _finish(part, x, y, cfg, var_y)
     _write_back(ens, part, index)
     fin.mse[index] = more.mse
     fin.iterations[index] += more.iterations
