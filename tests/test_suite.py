@@ -137,62 +137,46 @@ def test_run_resume_and_summary(tmp_path, capsys):
     assert "Suite tiny" in capsys.readouterr().out
 
 
-def test_run_with_one_job_pins_one_thread_like_the_workers(tmp_path, monkeypatch):
-    # torch's thread count changes its float sums (the students' trajectories), so --jobs 1
-    # must run problems with the workers' single thread, and give the caller its threads back.
-    import torch
-
-    from expand_and_cluster import ops
-    from expand_and_cluster.suite import runner
-
-    seen = []
-
-    def fake_run(problem, settings, device="cpu"):
-        seen.append((torch.get_num_threads(), ops.num_threads()))
-        raise RuntimeError("stop")
-
-    monkeypatch.setattr(runner, "run_problem", fake_run)
-    path = _write(
-        tmp_path,
-        {
-            "format": SUITE_FORMAT,
-            "name": "tiny",
-            "settings": QUICK,
-            "problems": [{"id": "a", "activation": "tanh", "d_in": 2, "width": 2, "seed": 0}],
-        },
-    )
-    before = torch.get_num_threads(), ops.num_threads()
-    torch.set_num_threads(2)
-    ops.set_num_threads(2)
-    try:
-        with pytest.raises(RuntimeError, match="stop"):
-            run_suite(load_suite(path), tmp_path / "out", jobs=1)
-        assert seen == [(1, 1)]
-        assert (torch.get_num_threads(), ops.num_threads()) == (2, 2)
-    finally:
-        torch.set_num_threads(before[0])
-        ops.set_num_threads(before[1])
-
-
 def test_summary_counts_failure_kinds():
     base = {"activation": "tanh", "rho": 2.0, "width": 3, "seconds": 1.0, "success_1e-6": False}
     rows = [
         {**base, "id": "a", "recovered_width": 3, "success": True},
-        {**base, "id": "b", "recovered_width": 4, "success": False},
+        {**base, "id": "b", "recovered_width": 4, "success": False, "failure_modes": ["extra"]},
         {**base, "id": "c", "recovered_width": 3, "success": False},
         {**base, "id": "d", "recovered_width": 0, "success": False, "status": "no_cluster"},
+        {**base, "id": "e", "recovered_width": 0, "success": False, "status": "error"},
+        {**base, "id": "f", "recovered_width": 0, "success": False, "status": "timeout"},
+        {
+            **base,
+            "id": "g",
+            "recovered_width": 2,
+            "success": False,
+            "failure_modes": ["students", "merged"],
+        },
     ]
     s = summarise(rows)
-    assert s["success_rate"] == 0.25
+    assert s["success_rate"] == 1 / 7
     assert s["failures"] == {
-        "wrong_width": 2,
+        "wrong_width": 5,
         "no_cluster": 1,
+        "error": 1,
+        "timeout": 1,
         "imprecise": 1,
         "degraded": 0,
-        "unflagged": 2,
+        "unflagged": 3,
+        "modes": {
+            "extra": 1,
+            "unknown": 1,
+            "no_cluster": 1,
+            "error": 1,
+            "timeout": 1,
+            "students": 1,
+            "merged": 1,
+        },
     }
     rows[1]["degraded"] = True
-    assert summarise(rows)["failures"]["unflagged"] == 1
+    assert summarise(rows)["failures"]["unflagged"] == 2
+    assert "merged 1" in summary_markdown(summarise(rows))
 
 
 def test_problem_validation():
@@ -327,7 +311,7 @@ def test_override_settings_refuses_values_the_configs_refuse():
 
 def test_min_steps_raises_the_epoch_budget_of_small_problems(monkeypatch):
     from expand_and_cluster.errors import NoClusterError
-    from expand_and_cluster.suite import runner
+    from expand_and_cluster.suite import problem as runner
 
     seen = {}
 
@@ -442,8 +426,11 @@ def _fake_recovery(network, students_mse=1e-20):
 
     import numpy as np
 
+    from expand_and_cluster.config import RecoverConfig
+
     training = SimpleNamespace(relative_mse=np.full(4, students_mse), finish=None)
     return SimpleNamespace(
+        config=RecoverConfig(network.activation),
         network=network,
         student_width=8,
         relative_mse={"train": 1e-20, "held_out": 1e-20},
@@ -462,7 +449,7 @@ def test_deep_problems_are_scored_layer_by_layer(monkeypatch, change):
     import numpy as np
 
     from expand_and_cluster.network import Network
-    from expand_and_cluster.suite import runner
+    from expand_and_cluster.suite import problem as runner
     from expand_and_cluster.teachers import planted_teacher
 
     problem = Problem("d", "tanh", d_in=3, width=4, depth=2, widths=(4, 3), rho=2.0, seed=5)
@@ -486,8 +473,10 @@ def test_deep_problems_are_scored_layer_by_layer(monkeypatch, change):
     assert row["success"] == (change == "none")
     if change == "layer1":
         assert row["recovered_widths"] == [4, 3] and row["max_distance"] > 1e-3
+        assert row["failure_modes"] == ["imprecise"]
     if change == "width":
         assert row["recovered_widths"] == [4, 2] and not row["degraded"]
+        assert row["failure_modes"] == ["upper_layer"]
         assert summarise([row])["failures"]["wrong_width"] == 1
     md = summary_markdown({**summarise([row]), "suite": "d"})
     assert "Per depth" in md and np.isfinite(row["max_distance"])

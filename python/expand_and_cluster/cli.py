@@ -1,4 +1,4 @@
-"""Command line: ``expand-and-cluster recover|cluster|demo|bench`` (also
+"""Command line: ``expand-and-cluster recover|cluster|demo|suite|bench`` (also
 ``python -m expand_and_cluster``). It parses, builds a
 :class:`~expand_and_cluster.config.RecoverConfig`, calls the library and writes the run's files.
 
@@ -38,6 +38,8 @@ from .io.report import summary_text, write_run
 from .ops import resolve_device
 from .pipeline.recover import recover
 from .pipeline.stages import split_queries
+from .suite.command import add_parsers as add_suite_parsers
+from .suite.command import cmd_suite
 from .teachers import biased_noise_augmentation, probe, train_digits_teacher
 
 EXIT_USER_ERROR = 2
@@ -174,21 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--n-queries", type=_number("--n-queries", int, 1), default=20000)
     _add_method_options(r)
 
-    b = sub.add_parser("bench", help="run an identifiability suite of planted teachers",
-                       description="Run every problem of SUITE not yet in OUT/results.jsonl, then "
-                       "write summary.json, summary.md and figures (benchmarks/suites/*.json).")
-    b.add_argument("suite", type=Path, help="suite file (.json)")
-    b.add_argument("--out", type=Path, required=True, help="output folder (reused to resume)")
-    b.add_argument("--jobs", type=_number("--jobs", int, 1), default=1,
-                   help="problems run in parallel processes (default %(default)s)")
-    b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    b.add_argument("--select", action="append", default=[], metavar="KEY=VALUE[,VALUE...]",
-                   help="run only the problems whose field KEY takes one of the values "
-                   "(repeatable, e.g. --select rho=4 --select activation=tanh,g)")
-    b.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a suite setting by its dotted key (repeatable, e.g. --setting "
-                   "train.max_epochs=1000); use a new --out for changed settings")
-    b.add_argument("--quiet", action="store_true")
+    add_suite_parsers(sub)
 
     c = sub.add_parser("cluster", help="re-cluster a run's students with other gamma/beta",
                        description="Cluster, reconstruct and fine-tune again from the trained "
@@ -352,24 +340,6 @@ def cmd_demo(args, log) -> int:
     return code
 
 
-def cmd_bench(args, log) -> int:
-    from . import suite as suites
-
-    device = resolve_device(args.device)
-    suite = suites.load_suite(args.suite)
-    if args.select:
-        suite = suites.select_problems(suite, args.select)
-    if args.setting:
-        suite = suites.override_settings(suite, args.setting)
-    log(f"students train on {device}")
-    rows = suites.run_suite(suite, args.out, jobs=args.jobs, log=log, device=device)
-    summary = suites.summarise(rows)
-    summary["suite"] = suite.name
-    print(suites.summary_markdown(summary))
-    print(f"results in {args.out}/")
-    return 0
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     try:
@@ -382,7 +352,8 @@ def main(argv=None) -> int:
         if not quiet:
             print(msg, file=sys.stderr, flush=True)
 
-    commands = {"recover": cmd_recover, "bench": cmd_bench, "cluster": cmd_cluster}
+    commands = {"recover": cmd_recover, "cluster": cmd_cluster, "bench": cmd_suite}
+    commands["suite"] = cmd_suite
     try:
         return commands.get(args.command, cmd_demo)(args, log)
     except InputError as e:

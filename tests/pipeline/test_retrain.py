@@ -22,12 +22,11 @@ def _fake_result(width: int, train_mse: float, student_mse: float, student_width
     tr = TrainResult(None, np.full(4, student_mse), np.zeros(4, int), ["budget"] * 4, np.ones(4))
     x, y = np.zeros((10, d_in)), np.zeros((10, 1))
     queries = Queries(x, y, np.arange(10), np.zeros(0, int), x, y, np.ones(d_in, bool))
-    no_clusters = type("Clustering", (), {"dropped": []})()
     return RecoveryResult(
         _config(),
         queries,
         Expansion(tr, student_width),
-        Layers([], [], first=no_clusters),
+        Layers([], [], first=None),
         Reconstruction(net, net, []),
         None,
         {"train": train_mse, "held_out": train_mse, "initial_train": train_mse},
@@ -195,7 +194,8 @@ def test_retrain_end_to_end_recovers_more_and_checkpoints_in_a_subfolder(tmp_pat
 def test_bench_row_records_a_retrain_that_kept_the_first_pass(monkeypatch):
     # A retrain that lost keeps the first pass, which is then the result itself: the row must
     # still say that a retrain ran.
-    from expand_and_cluster.suite import SUITE_DEFAULTS, Problem, runner
+    from expand_and_cluster.suite import SUITE_DEFAULTS, Problem
+    from expand_and_cluster.suite import problem as runner
 
     def fake(X, Y, cfg):
         res = _fake_result(2, 5e-4, 3e-7, d_in=4)

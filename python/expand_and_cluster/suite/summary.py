@@ -16,11 +16,21 @@ def _recovered_widths(r: dict) -> list:
 
 def _failures(rows: list[dict]) -> dict:
     """Failures by kind; ``unflagged``: failed rows that are neither marked degraded nor
-    without a cluster (wrong or imprecise results that look like successes)."""
+    without a result (wrong or imprecise results that look like successes); ``modes``: failed
+    rows per failure mode (:data:`~expand_and_cluster.suite.diagnose.FAILURE_MODES`, or the
+    status of a row without a result; a row can have several modes)."""
     wrong = [r for r in rows if _recovered_widths(r) != _teacher_widths(r)]
+    modes: dict[str, int] = {}
+    for r in rows:
+        if not r["success"]:
+            status = r.get("status", "ok")
+            for m in r.get("failure_modes") or [status if status != "ok" else "unknown"]:
+                modes[m] = modes.get(m, 0) + 1
     return {
         "wrong_width": len(wrong),
         "no_cluster": sum(1 for r in rows if r.get("status") == "no_cluster"),
+        "error": sum(1 for r in rows if r.get("status") == "error"),
+        "timeout": sum(1 for r in rows if r.get("status") == "timeout"),
         "imprecise": sum(
             1 for r in rows if _recovered_widths(r) == _teacher_widths(r) and not r["success"]
         ),
@@ -28,8 +38,9 @@ def _failures(rows: list[dict]) -> dict:
         "unflagged": sum(
             1
             for r in rows
-            if not r["success"] and not r.get("degraded") and r.get("status") != "no_cluster"
+            if not r["success"] and not r.get("degraded") and r.get("status", "ok") == "ok"
         ),
+        "modes": dict(sorted(modes.items(), key=lambda kv: -kv[1])),
     }
 
 
@@ -97,6 +108,8 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def summary_markdown(summary: dict) -> str:
+    if not summary["problems"]:
+        return f"# Suite {summary.get('suite', '')}: no problem has a row yet\n"
     lines = [
         f"# Suite {summary.get('suite', '')}: {summary['problems']} problems",
         "",
@@ -166,7 +179,15 @@ def summary_markdown(summary: dict) -> str:
         f"Failures: wrong width {f['wrong_width']} (of which no cluster "
         f"{f['no_cluster']}), exact width but a neuron further than 1e-3 "
         f"{f['imprecise']}; marked degraded {f.get('degraded', 0)}, failed without being "
-        f"marked {f.get('unflagged', 0)}.",
+        f"marked {f.get('unflagged', 0)}; errors {f.get('error', 0)}, timeouts "
+        f"{f.get('timeout', 0)}.",
         "",
     ]
+    if f.get("modes"):
+        lines += [
+            "Failure modes (failed rows with each; a row can have several): "
+            + ", ".join(f"{m} {n}" for m, n in f["modes"].items())
+            + ".",
+            "",
+        ]
     return "\n".join(lines)
